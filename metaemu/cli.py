@@ -1,0 +1,70 @@
+"""Command line: ``metaemu serve | demo | version``. Flags, logging and process exit codes only; no
+business logic. Exit codes: 0 success or clean SIGTERM, 2 configuration or start-up error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from metaemu import __version__
+from metaemu.config import load_config
+from metaemu.errors import ConfigError
+from metaemu.logs import setup_logging
+from metaemu.server.runner import MetaemuServer, StartupError, serve_until_signalled
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metaemu", description="A GCE/GKE metadata server for workloads outside "
+                                "Google Cloud, backed by Workload Identity Federation.")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the metadata API (config: --config or METAEMU_CONFIG)")
+    serve.add_argument("--config", type=Path, help="YAML configuration file (default: $METAEMU_CONFIG)")
+    serve.add_argument("--credential-config", type=Path,
+                       help="a Google external_account credential configuration JSON")
+    demo = sub.add_parser("demo", help="serve against an embedded local stand-in for Google (no cloud account)")
+    demo.add_argument("--listen", default="127.0.0.1:8080", help="metadata address (default %(default)s)")
+    demo.add_argument("--admin-listen", default="127.0.0.1:8081", help="admin address (default %(default)s)")
+    demo.add_argument("--profile", choices=("gce", "gke"), default="gke")
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = dict(os.environ if environ is None else environ)
+    if args.command == "version":
+        print(f"metaemu {__version__}")
+        return 0
+    if args.command == "demo":
+        from metaemu.demo import run_demo
+
+        return run_demo(listen=args.listen, admin_listen=args.admin_listen, profile=args.profile, env=env)
+    config_path = args.config or (Path(env["METAEMU_CONFIG"]) if env.get("METAEMU_CONFIG") else None)
+    if config_path is None and args.credential_config is None:
+        print("metaemu: --config (or METAEMU_CONFIG) or --credential-config is required", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        config = load_config(path=config_path, credential_config=args.credential_config, env=env,
+                             hostname=socket.gethostname())
+    except ConfigError as exc:
+        print(f"metaemu: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.log_level)
+    return run_server(MetaemuServer(config))
+
+
+def run_server(server: MetaemuServer) -> int:
+    try:
+        asyncio.run(serve_until_signalled(server))
+    except StartupError as exc:
+        print(f"metaemu: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0

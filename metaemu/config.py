@@ -1,0 +1,411 @@
+"""The configuration: loaded once from file, flags and environment into a frozen tree.
+
+Owns parsing and validation of the YAML file (``--config`` / ``METAEMU_CONFIG``), the standard
+Google ``external_account`` credential configuration (``--credential-config``), and the environment
+overrides ``METAEMU_LISTEN``, ``METAEMU_ADMIN_LISTEN`` and ``METAEMU_LOG_LEVEL``. Every problem raises
+``ConfigError`` naming the dotted key. Nothing here reads ``os.environ`` itself: the caller passes
+the environment in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from metaemu.credentials.sources.config import SourceConfig, parse_credential_source, parse_source
+from metaemu.errors import ConfigError
+
+DEFAULT_STS_URL = "https://sts.googleapis.com/v1/token"
+DEFAULT_IAM_CREDENTIALS_URL = "https://iamcredentials.googleapis.com/v1"
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+#: generateAccessToken accepts at most 1 h unless the org policy
+#: constraints/iam.allowServiceAccountCredentialLifetimeExtension allows up to 12 h (upstream.md §2.1).
+MAX_TOKEN_LIFETIME_S = 12 * 3600
+#: Below this a served token could not honour the 300 s serving floor for long (T-05).
+MIN_TOKEN_LIFETIME_S = 600
+#: Attributes the GKE metadata server exposes under instance/attributes/ (K-14).
+GKE_INSTANCE_ATTRIBUTES = frozenset({"cluster-location", "cluster-name", "cluster-uid"})
+
+Profile = Literal["gce", "gke"]
+_SA_EMAIL = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@([a-z][a-z0-9-]{4,28}[a-z0-9])\.iam\.gserviceaccount\.com$")
+_ANY_SA_EMAIL = re.compile(r"^[^@/\s]+@[^@/\s]+\.[a-z]{2,}$")
+_AUDIENCE_PROJECT = re.compile(r"^//iam\.googleapis\.com/projects/(\d+)/")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostPort:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, key: str, text: str) -> HostPort:
+        """``host:port`` or ``[v6]:port``."""
+        m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+        if not m:
+            raise ConfigError(key, f"expected HOST:PORT (or [IPv6]:PORT), got {text!r}")
+        host = m.group(1) or m.group(3)
+        port = int(m.group(2) or m.group(4))
+        if not 0 <= port <= 65535:
+            raise ConfigError(key, f"port {port} is out of range 0-65535")
+        return cls(host=host, port=port)
+
+    def overlaps(self, other: HostPort) -> bool:
+        """Would both fail to bind at once (same port, same or wildcard host)?"""
+        if self.port != other.port or self.port == 0:
+            return False
+        wild = {"0.0.0.0", "::", ""}
+        return self.host == other.host or self.host in wild or other.host in wild
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceConfig:
+    id: str
+    zone: str | None = None
+    hostname: str
+    name: str
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.id.isdigit() or int(self.id) >= 2**64:
+            raise ConfigError("instance.id", "must be an unsigned 64-bit decimal (K-03)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoints:
+    sts: str = DEFAULT_STS_URL
+    iam_credentials: str = DEFAULT_IAM_CREDENTIALS_URL
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadIdentity:
+    audience: str
+    service_account: str | None
+    scopes: tuple[str, ...]
+    token_lifetime_seconds: int
+    source: SourceConfig
+
+    def __post_init__(self) -> None:
+        if not self.audience.startswith("//") and not self.audience.startswith("identitynamespace:"):
+            raise ConfigError("workload_identity.audience",
+                              "expected //iam.googleapis.com/projects/N/locations/global/"
+                              "workloadIdentityPools/POOL/providers/PROVIDER or identitynamespace:…")
+        if self.service_account is not None and not _ANY_SA_EMAIL.match(self.service_account):
+            raise ConfigError("workload_identity.service_account",
+                              f"{self.service_account!r} is not a service-account email")
+        if not self.scopes:
+            raise ConfigError("workload_identity.scopes", "must list at least one scope")
+        if not MIN_TOKEN_LIFETIME_S <= self.token_lifetime_seconds <= MAX_TOKEN_LIFETIME_S:
+            raise ConfigError("workload_identity.token_lifetime_seconds",
+                              f"must be between {MIN_TOKEN_LIFETIME_S} and {MAX_TOKEN_LIFETIME_S}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    listen: HostPort
+    admin_listen: HostPort
+    profile: Profile = "gke"
+    log_level: str = "info"
+    project_id: str
+    numeric_project_id: str
+    project_attributes: Mapping[str, str] = field(default_factory=dict)
+    instance: InstanceConfig
+    workload_identity: WorkloadIdentity
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    allowed_hosts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.listen.overlaps(self.admin_listen):
+            raise ConfigError("admin_listen", f"{self.admin_listen} must not share the metadata address "
+                              f"{self.listen}: pods must never reach /metrics or probes (SEC-32)")
+        if not self.numeric_project_id.isdigit():
+            raise ConfigError("numeric_project_id", "must be digits only (K-02: gcloud checks .isdigit())")
+        if self.profile == "gke":
+            extra = sorted(set(self.instance.attributes) - GKE_INSTANCE_ATTRIBUTES)
+            if extra:
+                raise ConfigError("instance.attributes", f"{extra} are not served by the gke profile (K-14); "
+                                  f"allowed: {sorted(GKE_INSTANCE_ATTRIBUTES)}")
+
+    @property
+    def email(self) -> str:
+        """The account served as ``default`` (GKE-05)."""
+        return self.workload_identity.service_account or f"{self.project_id}.svc.id.goog"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(
+    *,
+    path: Path | None,
+    credential_config: Path | None = None,
+    env: Mapping[str, str],
+    hostname: str = "localhost",
+) -> Config:
+    """Build the ``Config`` from a YAML file, an optional credential configuration and ``env``."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(path)
+    if credential_config is not None:
+        wi = raw.setdefault("workload_identity", {})
+        if not isinstance(wi, dict):
+            raise ConfigError("workload_identity", "must be a mapping")
+        wi["credential_config"] = str(credential_config)
+    for var, key in (("METAEMU_LISTEN", "listen"), ("METAEMU_ADMIN_LISTEN", "admin_listen"),
+                     ("METAEMU_LOG_LEVEL", "log_level")):
+        if env.get(var):
+            raw[key] = env[var]
+    return parse_config(raw, hostname=hostname, base_dir=path.parent if path else Path.cwd())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must contain a mapping at the top level")
+    return data
+
+
+_TOP_KEYS = {"listen", "admin_listen", "profile", "log_level", "project_id", "numeric_project_id",
+             "project_attributes", "instance", "workload_identity", "endpoints", "allowed_hosts"}
+
+
+def parse_config(raw: Mapping[str, Any], *, hostname: str, base_dir: Path) -> Config:
+    _reject_unknown("", raw, _TOP_KEYS)
+    profile = _str(raw, "profile", "gke")
+    if profile not in ("gce", "gke"):
+        raise ConfigError("profile", f"must be 'gce' or 'gke', got {profile!r}")
+    log_level = _str(raw, "log_level", "info").lower()
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    wi_raw = _mapping(raw, "workload_identity", required=True)
+    endpoints_raw = _mapping(raw, "endpoints")
+    wi, endpoints = _parse_workload_identity(wi_raw, endpoints_raw, base_dir=base_dir)
+    project_id = _opt_str(raw, "project_id") or _project_from_email(wi.service_account)
+    if not project_id:
+        raise ConfigError("project_id", "required (it cannot be derived: no service_account in "
+                          "the *.iam.gserviceaccount.com form is configured)")
+    numeric = _opt_str(raw, "numeric_project_id") or _project_number(wi.audience)
+    if not numeric:
+        raise ConfigError("numeric_project_id", "required (it cannot be derived from the audience)")
+    return Config(
+        listen=HostPort.parse("listen", _str(raw, "listen", "127.0.0.1:8080")),
+        admin_listen=HostPort.parse("admin_listen", _str(raw, "admin_listen", "127.0.0.1:8081")),
+        profile=profile,  # type: ignore[arg-type]  # checked above
+        log_level=log_level,
+        project_id=project_id,
+        numeric_project_id=numeric,
+        project_attributes=_str_map(raw, "project_attributes"),
+        instance=_parse_instance(_mapping(raw, "instance"), hostname=hostname, project_id=project_id),
+        workload_identity=wi,
+        endpoints=endpoints,
+        allowed_hosts=_str_list(raw, "allowed_hosts", "allowed_hosts"),
+    )
+
+
+def _parse_instance(raw: Mapping[str, Any], *, hostname: str, project_id: str) -> InstanceConfig:
+    _reject_unknown("instance.", raw, {"id", "zone", "hostname", "name", "attributes", "tags"})
+    name = _opt_str(raw, "name", "instance.") or hostname.split(".")[0]
+    host = _opt_str(raw, "hostname", "instance.") or f"{name}.c.{project_id}.internal"
+    return InstanceConfig(
+        id=_opt_str(raw, "id", "instance.") or _stable_instance_id(f"{project_id}/{host}"),
+        zone=_opt_str(raw, "zone", "instance."),
+        hostname=host,
+        name=name,
+        attributes=_str_map(raw, "attributes", "instance."),
+        tags=_str_list(raw, "tags", "instance.tags"),
+    )
+
+
+def _stable_instance_id(seed: str) -> str:
+    """A deterministic 19-digit id so restarts keep the same instance/id (K-03)."""
+    return str(10**18 + int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big") % (9 * 10**18))
+
+
+def _parse_workload_identity(
+    raw: Mapping[str, Any], endpoints_raw: Mapping[str, Any], *, base_dir: Path
+) -> tuple[WorkloadIdentity, Endpoints]:
+    p = "workload_identity."
+    _reject_unknown(p, raw, {"audience", "service_account", "scopes", "token_lifetime_seconds", "source",
+                             "credential_config"})
+    _reject_unknown("endpoints.", endpoints_raw, {"sts", "iam_credentials", "timeout_seconds"})
+    scopes = _str_list(raw, "scopes", p + "scopes") or (CLOUD_PLATFORM_SCOPE,)
+    lifetime = _int(raw, "token_lifetime_seconds", 3600, p)
+    endpoints = Endpoints(
+        sts=_url(endpoints_raw, "sts", DEFAULT_STS_URL),
+        iam_credentials=_url(endpoints_raw, "iam_credentials", DEFAULT_IAM_CREDENTIALS_URL).rstrip("/"),
+        timeout_seconds=_positive_float(endpoints_raw, "timeout_seconds", 10.0, "endpoints."),
+    )
+    cc_path = _opt_str(raw, "credential_config", p)
+    if cc_path is not None:
+        clash = sorted({"audience", "service_account", "source"} & set(raw)) + (["endpoints"] if endpoints_raw else [])
+        if clash:
+            raise ConfigError(p + "credential_config", f"replaces {clash}; configure one or the other")
+        return _from_credential_config(base_dir / cc_path, scopes=scopes, lifetime=lifetime, timeout=endpoints)
+    audience = _opt_str(raw, "audience", p)
+    if not audience:
+        raise ConfigError(p + "audience", "required (or give workload_identity.credential_config)")
+    source_raw = _mapping(raw, "source", required=True, prefix=p)
+    wi = WorkloadIdentity(
+        audience=audience, service_account=_opt_str(raw, "service_account", p), scopes=scopes,
+        token_lifetime_seconds=lifetime, source=parse_source(source_raw, prefix=p + "source.", base_dir=base_dir),
+    )
+    return wi, endpoints
+
+
+_IMPERSONATION_URL = re.compile(r"^(https?://[^/]+(?:/[^/]+)*?)/projects/-/serviceAccounts/([^/:]+):generateAccessToken$")
+
+
+def _from_credential_config(
+    path: Path, *, scopes: tuple[str, ...], lifetime: int, timeout: Endpoints
+) -> tuple[WorkloadIdentity, Endpoints]:
+    """A Google ``external_account`` credential configuration (AIP-4117)."""
+    key = "workload_identity.credential_config"
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(key, f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("type") != "external_account":
+        raise ConfigError(key, f"{path}: expected a JSON object with \"type\": \"external_account\"")
+    audience = data.get("audience")
+    if not isinstance(audience, str) or not audience:
+        raise ConfigError(key, f"{path}: \"audience\" is required")
+    sts = data.get("token_url") or DEFAULT_STS_URL
+    iam = DEFAULT_IAM_CREDENTIALS_URL
+    sa = None
+    if imp := data.get("service_account_impersonation_url"):
+        m = _IMPERSONATION_URL.match(str(imp))
+        if not m:
+            raise ConfigError(key, f"{path}: service_account_impersonation_url {imp!r} is not "
+                              ".../projects/-/serviceAccounts/EMAIL:generateAccessToken")
+        iam, sa = m.group(1), m.group(2)
+    opts = data.get("service_account_impersonation") or {}
+    if isinstance(opts, dict) and isinstance(opts.get("token_lifetime_seconds"), int):
+        lifetime = opts["token_lifetime_seconds"]
+    source = parse_credential_source(data.get("credential_source"), subject_token_type=data.get("subject_token_type"),
+                                     prefix=f"{key} ({path.name}) credential_source.", base_dir=path.parent)
+    wi = WorkloadIdentity(audience=audience, service_account=sa, scopes=scopes,
+                          token_lifetime_seconds=lifetime, source=source)
+    return wi, Endpoints(sts=str(sts), iam_credentials=iam, timeout_seconds=timeout.timeout_seconds)
+
+
+def _project_from_email(email: str | None) -> str | None:
+    m = _SA_EMAIL.match(email or "")
+    return m.group(1) if m else None
+
+
+def _project_number(audience: str) -> str | None:
+    m = _AUDIENCE_PROJECT.match(audience)
+    return m.group(1) if m else None
+
+
+# ---------------------------------------------------------------- typed accessors
+
+
+def _reject_unknown(prefix: str, raw: Mapping[str, Any], known: set[str]) -> None:
+    for k in raw:
+        if k not in known:
+            raise ConfigError(prefix + str(k), f"unknown key (known: {', '.join(sorted(known))})")
+
+
+def _mapping(raw: Mapping[str, Any], key: str, *, required: bool = False, prefix: str = "") -> Mapping[str, Any]:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(prefix + key, "required")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(prefix + key, f"must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _opt_str(raw: Mapping[str, Any], key: str, prefix: str = "") -> str | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ConfigError(prefix + key, f"must be a string, got {type(value).__name__}")
+    return str(value).strip() or None
+
+
+def _str(raw: Mapping[str, Any], key: str, default: str, prefix: str = "") -> str:
+    return _opt_str(raw, key, prefix) or default
+
+
+def _int(raw: Mapping[str, Any], key: str, default: int, prefix: str = "") -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(prefix + key, f"must be an integer, got {value!r}")
+    return value
+
+
+def _positive_float(raw: Mapping[str, Any], key: str, default: float, prefix: str = "") -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(prefix + key, f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _url(raw: Mapping[str, Any], key: str, default: str) -> str:
+    value = _str(raw, key, default, "endpoints.")
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ConfigError("endpoints." + key, f"must be an http(s) URL, got {value!r}")
+    return value
+
+
+def _str_list(raw: Mapping[str, Any], key: str, name: str) -> tuple[str, ...]:
+    value = raw.get(key)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(name, "must be a list of non-empty strings")
+    return tuple(v.strip() for v in value)
+
+
+def _str_map(raw: Mapping[str, Any], key: str, prefix: str = "") -> dict[str, str]:
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(prefix + key, "must be a mapping of strings")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", k):
+            raise ConfigError(f"{prefix}{key}.{k}", "keys may contain only letters, digits, '_', '.', '-'")
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise ConfigError(f"{prefix}{key}.{k}", "must be a string")
+        out[k] = str(v)
+    return out
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

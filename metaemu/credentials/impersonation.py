@@ -1,0 +1,80 @@
+"""IAM Credentials v1: generateAccessToken and generateIdToken for an impersonated service account
+(upstream.md §2). Owns request bodies and response parsing; not caching or retries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from urllib.parse import quote
+
+from metaemu.clock import Clock
+from metaemu.credentials.tokens import AccessToken, FederatedToken, IdentityToken, jwt_expiry
+from metaemu.credentials.upstream import UpstreamCaller
+from metaemu.errors import UpstreamError
+from metaemu.transport import HttpRequest
+
+#: Google ID tokens from generateIdToken last one hour (gce-metadata.md T-07, P4).
+ID_TOKEN_LIFETIME_S = 3600
+
+
+class IamCredentialsClient:
+    def __init__(self, *, caller: UpstreamCaller, base_url: str, clock: Clock, timeout_s: float) -> None:
+        self._caller = caller
+        self._base_url = base_url.rstrip("/")
+        self._clock = clock
+        self._timeout_s = timeout_s
+
+    def _url(self, email: str, method: str) -> str:
+        return f"{self._base_url}/projects/-/serviceAccounts/{quote(email, safe='@')}:{method}"
+
+    async def generate_access_token(
+        self, *, email: str, bearer: FederatedToken, scopes: Sequence[str], lifetime_s: int
+    ) -> AccessToken:
+        url = self._url(email, "generateAccessToken")
+        payload = {"delegates": [], "scope": list(scopes), "lifetime": f"{lifetime_s}s"}
+        sent_at = self._clock.now()
+        body = await self._caller.call_json(
+            HttpRequest.json(url, payload, headers=_auth(bearer), timeout_s=self._timeout_s))
+        token, expire_time = body.get("accessToken"), body.get("expireTime")
+        expiry = _parse_rfc3339(expire_time) if isinstance(expire_time, str) else None
+        if not isinstance(token, str) or not token or expiry is None:
+            raise _malformed(url, "generateAccessToken response lacks accessToken or a valid expireTime")
+        # Never overstate: trust Google's expireTime only up to what we asked for, measured from
+        # our own clock before sending (guards against local clock skew, SEC-28).
+        return AccessToken(value=token, expiry=min(expiry, sent_at + dt.timedelta(seconds=lifetime_s)))
+
+    async def generate_id_token(
+        self, *, email: str, bearer: FederatedToken, audience: str, include_email: bool
+    ) -> IdentityToken:
+        url = self._url(email, "generateIdToken")
+        payload = {"delegates": [], "audience": audience, "includeEmail": include_email}
+        sent_at = self._clock.now()
+        body = await self._caller.call_json(
+            HttpRequest.json(url, payload, headers=_auth(bearer), timeout_s=self._timeout_s))
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            raise _malformed(url, "generateIdToken response lacks token")
+        try:
+            expiry = jwt_expiry(token)
+        except ValueError as exc:
+            raise _malformed(url, f"generateIdToken returned an unreadable JWT ({exc})") from None
+        cap = sent_at + dt.timedelta(seconds=ID_TOKEN_LIFETIME_S)
+        return IdentityToken(value=token, expiry=min(expiry, cap))
+
+
+def _auth(bearer: FederatedToken) -> dict[str, str]:
+    return {"Authorization": f"Bearer {bearer.value}"}
+
+
+def _malformed(url: str, message: str) -> UpstreamError:
+    return UpstreamError(service="iam", url=url, status=200, body="(malformed)", retryable=True, message=message)
+
+
+def _parse_rfc3339(text: str) -> dt.datetime | None:
+    """RFC 3339 with or without fractional seconds (UP-06; google-auth accepts only whole seconds)."""
+    try:
+        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)

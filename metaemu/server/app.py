@@ -1,0 +1,94 @@
+"""Assembly of the two aiohttp applications from a ``Config``.
+
+The metadata app serves the metadata API and owns the credential machinery and its background
+task (``token_refresher``, started and stopped in a ``cleanup_ctx`` entry). The admin app serves
+``/metrics``, ``/healthz`` and ``/readyz`` on a separate listener (SEC-32). No network I/O happens
+while assembling; tests inject the ``HttpClient`` and ``Clock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from metaemu.cache.credentials import CachedCredentials
+from metaemu.cache.refresher import Refresher
+from metaemu.clock import Clock
+from metaemu.config import Config
+from metaemu.credentials.impersonation import IamCredentialsClient
+from metaemu.credentials.pipeline import Identity, Pipeline
+from metaemu.credentials.sources import build_source
+from metaemu.credentials.sts import StsClient
+from metaemu.credentials.upstream import UpstreamCaller
+from metaemu.metrics import Metrics
+from metaemu.server.handlers import MetadataHandler
+from metaemu.server.metadata_tree import build_tree, index_tree
+from metaemu.server.responses import Responder
+from metaemu.server.rules import DEFAULT_ALLOWED_HOSTS, HostAllowList
+from metaemu.transport import HttpClient
+
+log = logging.getLogger(__name__)
+
+#: aiohttp default is 1 MiB; metadata requests have no body, so refuse anything sizeable.
+MAX_REQUEST_BODY = 4096
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Components:
+    config: Config
+    metrics: Metrics
+    credentials: CachedCredentials
+    refresher: Refresher
+    handler: MetadataHandler
+
+
+COMPONENTS = web.AppKey("components", Components)
+
+
+def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: HttpClient) -> Components:
+    wi = config.workload_identity
+    timeout = config.endpoints.timeout_seconds
+    pipeline = Pipeline(
+        identity=Identity(audience=wi.audience, service_account=wi.service_account,
+                          default_scopes=wi.scopes, lifetime_s=wi.token_lifetime_seconds),
+        source=build_source(wi.source, clock=clock),
+        sts=StsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="sts"),
+                      url=config.endpoints.sts, clock=clock, timeout_s=timeout),
+        iam=IamCredentialsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="iam"),
+                                 base_url=config.endpoints.iam_credentials, clock=clock, timeout_s=timeout),
+    )
+    refresher = Refresher(clock=clock)
+    credentials = CachedCredentials(pipeline=pipeline, clock=clock, metrics=metrics, refresher=refresher)
+    listen = str(config.listen)
+    hosts = HostAllowList([*DEFAULT_ALLOWED_HOSTS, *config.allowed_hosts, config.listen.host,
+                           listen, listen.replace("0.0.0.0", "127.0.0.1")])
+    handler = MetadataHandler(index=index_tree(build_tree(config)), responder=Responder(config.profile),
+                              credentials=credentials, metrics=metrics, clock=clock, hosts=hosts)
+    return Components(config=config, metrics=metrics, credentials=credentials, refresher=refresher,
+                      handler=handler)
+
+
+def create_metadata_app(components: Components) -> web.Application:
+    app = web.Application(client_max_size=MAX_REQUEST_BODY)
+    app[COMPONENTS] = components
+    app.router.add_route("*", "/{tail:.*}", components.handler)
+    app.cleanup_ctx.append(_token_refresher_ctx)
+    return app
+
+
+async def _token_refresher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Runs ``token_refresher`` for the app's lifetime; the first token is fetched at once."""
+    refresher = app[COMPONENTS].refresher
+    task = asyncio.create_task(refresher.token_refresher(), name="token_refresher")
+    try:
+        yield
+    finally:
+        refresher.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,196 @@
+"""The metadata request handler: request rules, routing over the pre-rendered tree, and the
+dynamic ``token`` and ``identity`` leaves.
+
+One handler serves every path (a catch-all route): routing is a dict lookup on the canonical path,
+which keeps the hot path short (the benchmark compares it with a bare aiohttp handler). Order of
+checks: X-Forwarded-For (R-06), method (R-12), Host (SEC-22), normalise (SEC-19), Metadata-Flavor
+(R-01..R-05), lookup, then query rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from metaemu.cache.credentials import CachedCredentials, IdTokenKey
+from metaemu.clock import Clock
+from metaemu.errors import CredentialError, NotConfiguredError
+from metaemu.metrics import Metrics
+from metaemu.server.metadata_tree import Body, Entry
+from metaemu.server.responses import JSON, RETRY_AFTER_S, TEXT, Responder, credential_error_text
+from metaemu.server.rules import HostAllowList, is_true, normalise_path, parse_query
+
+log = logging.getLogger(__name__)
+
+#: A request that finds no token (start-up, a new scope set or audience) waits this long for the
+#: in-flight exchange, then gets 503 (issue §4); under Python's 3 s metadata timeout (ERR-08).
+FIRST_TOKEN_WAIT_S = 2.0
+#: wait_for_change holds at most this long, whatever timeout_sec says (Q-12 "[?]": the values of
+#: this server change only on restart, so clients simply re-poll).
+LONG_POLL_CAP_S = 300.0
+#: Google's emulator notes "500 max hanging gets" (Q-13); beyond that, 503 so they cannot starve
+#: token requests.
+LONG_POLL_LIMIT = 500
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reply:
+    route: str
+    response: web.Response
+
+
+class MetadataHandler:
+    def __init__(self, *, index: dict[str, Entry], responder: Responder, credentials: CachedCredentials,
+                 metrics: Metrics, clock: Clock, hosts: HostAllowList) -> None:
+        self._index = index
+        self._r = responder
+        self._creds = credentials
+        self._metrics = metrics
+        self._clock = clock
+        self._hosts = hosts
+        self._gce = responder.profile == "gce"
+        self._long_polls = 0
+        self.shutdown = asyncio.Event()  # set on SIGTERM: releases long polls
+        self._counters: dict[tuple[str, int], Counter] = {}
+        self._timers: dict[str, Histogram] = {}
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        reply = await self._dispatch(request)
+        status = reply.response.status
+        counter = self._counters.get((reply.route, status))
+        if counter is None:
+            counter = self._counters[(reply.route, status)] = self._metrics.requests.labels(reply.route, str(status))
+        counter.inc()
+        timer = self._timers.get(reply.route)
+        if timer is None:
+            timer = self._timers[reply.route] = self._metrics.request_duration.labels(reply.route)
+        timer.observe(time.perf_counter() - started)
+        return reply.response
+
+    def _blocked(self, reason: str, response: web.Response, route: str = "(blocked)") -> Reply:
+        self._metrics.blocked.labels(reason).inc()
+        return Reply(route=route, response=response)
+
+    async def _dispatch(self, request: web.Request) -> Reply:
+        headers = request.headers
+        # SECURITY: an SSRF through a proxy arrives with X-Forwarded-For; the real server refuses it.
+        if "X-Forwarded-For" in headers:
+            return self._blocked("xff", self._r.text(403, "Calls with X-Forwarded-For header are not allowed "
+                                                          "by the metadata server.\n"))
+        if request.method != "GET":
+            return self._blocked("method", self._r.text(405, "Method Not Allowed\n", extra={"Allow": "GET"}))
+        if not self._hosts.allows(headers.get("Host")):
+            return self._blocked("host", self._r.text(403, "Host header is not a name of the metadata server.\n"))
+        raw_path = request.rel_url.raw_path
+        canonical = normalise_path(raw_path)
+        if canonical is None:
+            return Reply(route="(unmatched)", response=self._r.not_found(raw_path))
+        entry = self._index.get(canonical.key)
+        if canonical.path.startswith("/computeMetadata") and not self._has_flavor(headers):
+            return self._blocked("metadata_flavor", self._r.missing_flavor(raw_path),
+                                 route=entry.route if entry else "(unmatched)")
+        if entry is None:
+            directory = None if canonical.trailing_slash else self._index.get(canonical.path + "/")
+            if directory is not None:  # R-08, R-09
+                qs = request.rel_url.raw_query_string
+                location = canonical.path + "/" + (f"?{qs}" if qs else "")
+                return Reply(route=directory.route, response=self._r.redirect(location))
+            return Reply(route="(unmatched)", response=self._r.not_found(raw_path))
+        params = parse_query(request.query_string) if request.query_string else {}
+        if entry.kind == "dynamic":
+            response = await (self._token(params) if entry.dynamic == "token" else self._identity(params))
+        else:
+            response = await self._static(entry, params)
+        return Reply(route=entry.route, response=response)
+
+    def _has_flavor(self, headers: Mapping[str, str]) -> bool:
+        if headers.get("Metadata-Flavor") == "Google":
+            return True
+        # R-05: the legacy header still works on GCE; the GKE server rejects it.
+        return self._gce and headers.get("X-Google-Metadata-Request", "").lower() == "true"
+
+    # ------------------------------------------------------------ static keys
+
+    async def _static(self, entry: Entry, params: dict[str, str]) -> web.Response:
+        alt = params.get("alt")
+        if alt not in (None, "json", "text"):
+            return self._r.text(400, "alt must be 'json' or 'text'\n")
+        wait = is_true(params.get("wait_for_change"))
+        if entry.kind == "directory":
+            if is_true(params.get("recursive")):
+                body = entry.as_text if alt == "text" else entry.as_json
+            elif alt is not None or wait:  # Q-08, Q-10
+                return self._r.text(400, "alt and wait_for_change on a directory need recursive=true\n")
+            else:
+                body = entry.plain
+        else:
+            body = entry.as_json if alt == "json" else entry.as_text if alt == "text" else entry.plain
+        assert body is not None
+        if wait:
+            return await self._long_poll(body, params)
+        return self._r.ok(body.data, body.content_type, body.etag)
+
+    async def _long_poll(self, body: Body, params: dict[str, str]) -> web.Response:
+        """Q-10..Q-12: hold until the value changes (never, until restart) or timeout_sec passes."""
+        last_etag = params.get("last_etag")
+        if last_etag is not None and last_etag != body.etag:  # Q-11: stale etag -> answer now
+            return self._r.ok(body.data, body.content_type, body.etag)
+        timeout = params.get("timeout_sec")
+        if timeout is not None and not timeout.isdigit():
+            return self._r.text(400, "timeout_sec must be a non-negative integer\n")
+        if self._long_polls >= LONG_POLL_LIMIT:
+            return self._r.text(503, "too many wait_for_change requests\n", extra={"Retry-After": "1"})
+        self._long_polls += 1
+        self._metrics.long_polls.inc()
+        try:
+            hold = min(float(timeout), LONG_POLL_CAP_S) if timeout is not None else LONG_POLL_CAP_S
+            await self._clock.sleep(hold, until=self.shutdown)
+        finally:
+            self._long_polls -= 1
+            self._metrics.long_polls.dec()
+        return self._r.ok(body.data, body.content_type, body.etag)
+
+    # ------------------------------------------------------------ dynamic keys
+
+    async def _token(self, params: dict[str, str]) -> web.Response:
+        scopes = params.get("scopes")
+        # SA-09: any scopes value is accepted; comma-separated, blanks ignored.
+        requested = [s for s in scopes.split(",") if s.strip()] if scopes else None
+        try:
+            token = await self._creds.access_token(requested, wait_s=FIRST_TOKEN_WAIT_S)
+        except CredentialError as exc:
+            return self._credential_error(exc, "access token")
+        expires_in = token.expires_in(self._clock.now())
+        body = f'{{"access_token":{json.dumps(token.value)},"expires_in":{expires_in},"token_type":"Bearer"}}'
+        return self._r.ok(body.encode(), JSON, None)  # SA-06, SA-07, SA-08
+
+    async def _identity(self, params: dict[str, str]) -> web.Response:
+        audience = params.get("audience", "")
+        if not audience:
+            return self._r.text(400, "non-empty audience parameter required\n")  # SA-14
+        fmt = params.get("format", "standard") or "standard"
+        if fmt not in ("standard", "full"):
+            return self._r.text(400, "format must be 'standard' or 'full'\n")
+        if self._creds.service_account is None:
+            return self._r.text(404, "Identity tokens need a Google service account: this metadata server serves "
+                                "a federated principal, and no workload_identity.service_account is configured "
+                                "to impersonate (GKE-06).\n")
+        key = IdTokenKey(audience=audience, format=fmt, licenses=is_true(params.get("licenses")))
+        try:
+            token = await self._creds.id_token(key, wait_s=FIRST_TOKEN_WAIT_S)
+        except CredentialError as exc:
+            return self._credential_error(exc, "ID token")
+        return self._r.ok(token.value.encode(), TEXT, None)  # SA-12: the bare JWT
+
+    def _credential_error(self, exc: CredentialError, what: str) -> web.Response:
+        status = 404 if isinstance(exc, NotConfiguredError) else 403 if exc.permanent else 503
+        extra = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return self._r.text(status, credential_error_text(exc, what), extra=extra)

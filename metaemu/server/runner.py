@@ -1,0 +1,112 @@
+"""Running metaemu: bind both listeners, serve, and shut down gracefully.
+
+``MetaemuServer`` is used by ``metaemu serve``, ``metaemu demo`` and the functional tests (which
+pass port 0 and read the bound ports back). On stop: long polls are released, listeners close (no
+new connections), in-flight requests finish (up to ``SHUTDOWN_GRACE_S``), then the refresher and the
+upstream client stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import TracebackType
+
+from aiohttp import web
+
+from metaemu.clock import Clock, SystemClock
+from metaemu.config import Config, HostPort
+from metaemu.metrics import Metrics, create_metrics
+from metaemu.server.app import Components, build_components, create_metadata_app
+from metaemu.server.health import create_admin_app
+from metaemu.transport import AiohttpClient, HttpClient
+
+log = logging.getLogger(__name__)
+
+#: Token requests are answered from memory in microseconds; 10 s is ample for in-flight requests
+#: and well inside Kubernetes' default 30 s termination grace period.
+SHUTDOWN_GRACE_S = 10.0
+
+
+class StartupError(Exception):
+    """A listener could not be bound (SEC-38: fail fast, never fall back silently)."""
+
+
+class MetaemuServer:
+    def __init__(self, config: Config, *, clock: Clock | None = None, http: HttpClient | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self._own_http: AiohttpClient | None = None
+        if http is None:
+            http = self._own_http = AiohttpClient()
+        self.metrics = metrics or create_metrics()
+        self.components: Components = build_components(
+            config=config, clock=clock or SystemClock(), metrics=self.metrics, http=http)
+        self._runners: list[web.AppRunner] = []
+        self.metadata_address: HostPort = config.listen
+        self.admin_address: HostPort = config.admin_listen
+
+    @property
+    def metadata_url(self) -> str:
+        a = self.metadata_address
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(a.host, a.host)
+        return f"http://{HostPort(host=host, port=a.port)}"
+
+    @property
+    def admin_url(self) -> str:
+        a = self.admin_address
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(a.host, a.host)
+        return f"http://{HostPort(host=host, port=a.port)}"
+
+    async def start(self) -> None:
+        metadata = create_metadata_app(self.components)
+        admin = create_admin_app(metrics=self.metrics, credentials=self.components.credentials,
+                                 metadata_url=lambda: self.metadata_url + "/")
+        self.metadata_address = await self._bind(metadata, self.config.listen, "listen")
+        self.admin_address = await self._bind(admin, self.config.admin_listen, "admin_listen")
+        log.info("serving", extra={"listen": str(self.metadata_address), "admin_listen": str(self.admin_address),
+                                   "profile": self.config.profile, "email": self.config.email})
+
+    async def _bind(self, app: web.Application, address: HostPort, key: str) -> HostPort:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise StartupError(f"{key}: cannot listen on {address}: {exc.strerror or exc}") from exc
+        return HostPort(host=address.host, port=int(runner.addresses[0][1]))
+
+    async def stop(self) -> None:
+        self.components.handler.shutdown.set()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self._own_http is not None:
+            await self._own_http.close()
+
+    async def __aenter__(self) -> MetaemuServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+
+async def serve_until_signalled(server: MetaemuServer) -> None:
+    """Start ``server``, wait for SIGTERM or SIGINT, stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+        log.info("stopping: finishing in-flight requests")
+    finally:
+        await server.stop()
+        log.info("stopped")
