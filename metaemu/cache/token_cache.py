@@ -45,6 +45,10 @@ REFRESH_MIN_REMAINING_S = 600.0
 #: Up to this fraction of the refresh interval is taken off at random so that many metaemu
 #: instances started together do not refresh in lockstep.
 REFRESH_JITTER_FRACTION = 0.1
+#: A key requested within this window is kept warm. Clients re-ask about once per token lifetime
+#: (google-auth at 56 min of 60, T-04), so one hour plus margin keeps every active client's next
+#: request a cache hit, while keys nobody asks for stop costing upstream calls.
+KEEP_WARM_S = 3900.0
 #: Backoff after a failed fetch: 1 s doubling to 60 s, each multiplied by U(0.5, 1) ("equal jitter").
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
@@ -58,7 +62,7 @@ class _Entry(Generic[T]):
     failures: int = 0
     last_error: CredentialError | None = None
     task: asyncio.Task[T] | None = None
-    used: bool = True  # requested since its last refresh: keep it warm
+    last_used: float = float("-inf")  # monotonic time of the last request
     pinned: bool = False  # always keep warm (the default token); never evicted
 
 
@@ -112,7 +116,7 @@ class TokenCache(Generic[K, T]):
         fetch; raises ``CredentialError``: the fetch's own error, or a transient "not ready" one.
         """
         entry = self._entry(key)
-        entry.used = True
+        entry.last_used = self._clock.monotonic()
         token = entry.token
         if token is not None and token.remaining_s(self._clock.now()) >= self._floor:
             self._metrics.token_cache.labels(self.kind, "hit").inc()
@@ -123,18 +127,24 @@ class TokenCache(Generic[K, T]):
         if entry.last_error is not None and self._clock.monotonic() < entry.retry_at and entry.task is None:
             raise entry.last_error
         task = self._start(key, entry)
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout=wait_s)
-        except TimeoutError:
-            raise CredentialError(f"no {self.kind.replace('_', ' ')} yet: the upstream exchange is "
-                                  f"still in progress") from None
+        if not task.done():
+            # Wait on the Clock (not asyncio.wait_for) so the deadline is testable; the fetch
+            # itself is never cancelled by a waiter giving up: its result is cached for the retry.
+            finished = asyncio.Event()
+            task.add_done_callback(lambda _: finished.set())
+            await self._clock.sleep(wait_s, until=finished)
+        if not task.done():
+            raise CredentialError(f"no {self.kind.replace('_', ' ')} yet: the upstream exchange is still in progress")
+        if task.cancelled():
+            raise CredentialError(f"the {self.kind.replace('_', ' ')} fetch was cancelled")
+        return task.result()
 
     def due(self) -> list[K]:
-        """Keys whose token should be refreshed now (in use or pinned, past refresh/retry point)."""
+        """Keys whose token should be refreshed now (warm, past their refresh or retry point)."""
         now = self._clock.monotonic()
         out = []
         for key, entry in self._all():
-            if entry.task is not None or not (entry.used or entry.pinned):
+            if entry.task is not None or not self._warm(entry, now):
                 continue
             at = entry.retry_at if entry.last_error is not None else entry.refresh_at
             if now >= at:
@@ -143,12 +153,17 @@ class TokenCache(Generic[K, T]):
 
     def next_due(self) -> float | None:
         """Monotonic time of the next scheduled refresh, if any."""
+        now = self._clock.monotonic()
         times = [
             (e.retry_at if e.last_error is not None else e.refresh_at)
             for _, e in self._all()
-            if e.task is None and (e.used or e.pinned)
+            if e.task is None and self._warm(e, now)
         ]
         return min(times) if times else None
+
+    @staticmethod
+    def _warm(entry: _Entry[T], now: float) -> bool:
+        return entry.pinned or now - entry.last_used < KEEP_WARM_S
 
     def refresh(self, key: K) -> asyncio.Task[T]:
         """Start (or join) the single fetch for ``key``; the returned task never raises to nobody."""
@@ -193,7 +208,6 @@ class TokenCache(Generic[K, T]):
         entry.token = token
         entry.refresh_at = self._clock.monotonic() + max(interval, 1.0)
         entry.failures, entry.retry_at, entry.last_error = 0, 0.0, None
-        entry.used = False
         self._metrics.refresh.labels(self.kind, "success").inc()
         self._metrics.last_refresh_success.set(self._clock.now().timestamp())
         if entry.pinned:
