@@ -1,0 +1,46 @@
+# The two commands of the README quickstart: `make demo` and `make test`.
+# Both create .venv on first use; `make test` also installs the real client libraries under test
+# (Go and Debian packages via apt-get, Node packages via npm from the committed lock).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP := $(VENV)/.test-installed
+
+.PHONY: demo test lint typecheck unit clients bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(RUNTIME_STAMP)
+
+demo: $(RUNTIME_STAMP)
+	$(BIN)/metaemu demo $(DEMO_ARGS)
+
+clients:
+	bash scripts/install-clients.sh
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(TEST_STAMP)
+	$(BIN)/mypy
+
+unit: $(TEST_STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: $(TEST_STAMP) clients lint typecheck unit
+
+bench: $(TEST_STAMP)
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) tests/clients/node/node_modules .mypy_cache .ruff_cache .pytest_cache

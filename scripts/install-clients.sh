@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Install the real Google client libraries that metaemu's client acceptance tests drive
+# (see shared/spec/clients.md):
+#   * Go toolchain + Debian-packaged Go libraries (GOPATH mode, no module proxy):
+#       cloud.google.com/go/compute/metadata, golang.org/x/oauth2/google, google.golang.org/api/idtoken
+#   * Node: gcp-metadata + google-auth-library, pinned by tests/clients/node/package-lock.json
+# gcloud is not installable from the registries we can reach; the tests use it only when it is on PATH.
+#
+# Idempotent and non-interactive; a no-op (well under a second) when everything is already installed.
+# Must run as root (or with passwordless sudo) on Debian 12 for the apt part.
+#
+# Environment:
+#   SKIP_GO=1    do not install the Go toolchain/packages
+#   SKIP_NODE=1  do not run npm ci
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NODE_DIR="$ROOT/tests/clients/node"
+APT_PACKAGES=(golang-go golang-golang-x-oauth2-google-dev golang-google-api-dev)
+
+log() { printf '[install-clients] %s\n' "$*"; }
+
+export DEBIAN_FRONTEND=noninteractive
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO=(sudo -n); fi
+fi
+
+pkg_installed() {
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" = "installed" ]
+}
+
+install_go() {
+    local missing=()
+    local p
+    for p in "${APT_PACKAGES[@]}"; do
+        pkg_installed "$p" || missing+=("$p")
+    done
+    if command -v go >/dev/null 2>&1 && [ "${#missing[@]}" -eq 0 ]; then
+        log "go: already installed ($(go version 2>/dev/null || echo '?')); Debian Go packages present"
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "go: apt-get not available; cannot install ${missing[*]:-golang-go}" >&2
+        return 1
+    fi
+    [ "${#missing[@]}" -eq 0 ] && missing=(golang-go)
+    log "go: installing ${missing[*]} with apt-get"
+    local t0=$SECONDS
+    if ! "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"; then
+        log "go: apt-get install failed; running apt-get update and retrying"
+        "${SUDO[@]}" apt-get update
+        "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+    fi
+    log "go: installed in $((SECONDS - t0)) s ($(go version))"
+}
+
+install_node() {
+    if ! command -v npm >/dev/null 2>&1; then
+        log "node: npm not found; skipping the Node client (tests that need it will skip)" >&2
+        return 0
+    fi
+    if [ ! -f "$NODE_DIR/package-lock.json" ]; then
+        log "node: $NODE_DIR/package-lock.json missing" >&2
+        return 1
+    fi
+    # npm ci writes node_modules/.package-lock.json; if it is newer than the lock and package.json,
+    # node_modules matches the lock.
+    local hidden="$NODE_DIR/node_modules/.package-lock.json"
+    if [ -f "$hidden" ] && [ "$hidden" -nt "$NODE_DIR/package-lock.json" ] \
+        && [ "$hidden" -nt "$NODE_DIR/package.json" ] \
+        && [ -f "$NODE_DIR/node_modules/google-auth-library/package.json" ] \
+        && [ -f "$NODE_DIR/node_modules/gcp-metadata/package.json" ]; then
+        log "node: node_modules up to date with package-lock.json"
+        return 0
+    fi
+    log "node: npm ci in $NODE_DIR"
+    local t0=$SECONDS
+    (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    # npm ci does not always bump the hidden lockfile's mtime past package-lock.json; make it so.
+    touch "$hidden"
+    log "node: installed in $((SECONDS - t0)) s"
+}
+
+if [ "${SKIP_GO:-0}" != "1" ]; then install_go; else log "go: skipped (SKIP_GO=1)"; fi
+if [ "${SKIP_NODE:-0}" != "1" ]; then install_node; else log "node: skipped (SKIP_NODE=1)"; fi
+if command -v gcloud >/dev/null 2>&1; then
+    log "gcloud: found at $(command -v gcloud) (preinstalled; not managed by this script)"
+else
+    log "gcloud: not on PATH (not installable from the reachable registries); gcloud checks will skip"
+fi
+log "done"
