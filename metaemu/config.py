@@ -35,7 +35,7 @@ MIN_TOKEN_LIFETIME_S = 600
 GKE_INSTANCE_ATTRIBUTES = frozenset({"cluster-location", "cluster-name", "cluster-uid"})
 
 Profile = Literal["gce", "gke"]
-_SA_EMAIL = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@([a-z][a-z0-9-]{4,28}[a-z0-9])\.iam\.gserviceaccount\.com$")
+_SA_EMAIL = re.compile(r"^[^@\s]+@([a-z][a-z0-9-]{4,28}[a-z0-9])\.iam\.gserviceaccount\.com$")
 _ANY_SA_EMAIL = re.compile(r"^[^@/\s]+@[^@/\s]+\.[a-z]{2,}$")
 _AUDIENCE_PROJECT = re.compile(r"^//iam\.googleapis\.com/projects/(\d+)/")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
