@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from types import TracebackType
 
 from aiohttp import web
@@ -97,13 +98,15 @@ class MetaemuServer:
         await self.stop()
 
 
-async def serve_until_signalled(server: MetaemuServer) -> None:
-    """Start ``server``, wait for SIGTERM or SIGINT, stop gracefully."""
+async def serve_until_signalled(server: MetaemuServer, *, started: Callable[[], None] | None = None) -> None:
+    """Start ``server``, call ``started``, wait for SIGTERM or SIGINT, stop gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    if started is not None:
+        started()
     try:
         await stop.wait()
         log.info("stopping: finishing in-flight requests")
