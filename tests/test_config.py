@@ -140,7 +140,8 @@ def test_credential_config_replaces_audience_source_and_endpoints(tmp_path: Path
     assert wi.audience == AUD
     assert wi.service_account == SA
     assert wi.token_lifetime_seconds == 1800
-    assert wi.source == FileSourceConfig(path=tmp_path / "token.json", token_type="urn:ietf:params:oauth:token-type:jwt",
+    assert wi.source == FileSourceConfig(path=tmp_path / "token.json",
+                                         token_type="urn:ietf:params:oauth:token-type:jwt",
                                          format_type="json", field_name="t")
     assert c.endpoints.sts == "http://127.0.0.1:1/v1/token"
     assert c.endpoints.iam_credentials == "http://127.0.0.1:2/v1"

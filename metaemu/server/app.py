@@ -76,7 +76,7 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
 def create_metadata_app(components: Components) -> web.Application:
     app = web.Application(client_max_size=MAX_REQUEST_BODY)
     app[COMPONENTS] = components
-    app.router.add_route("*", "/{tail:.*}", components.handler)
+    app.router.add_route("*", "/{tail:.*}", components.handler.__call__)
     app.cleanup_ctx.append(_token_refresher_ctx)
     return app
 

@@ -1,0 +1,71 @@
+"""Shared test helpers: a running metaemu against the in-process Google stand-in, and a small
+HTTP client for the metadata API that returns status, headers and raw body."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from metaemu.clock import Clock
+from metaemu.config import parse_config
+from metaemu.metrics import Metrics
+from metaemu.server.runner import MetaemuServer
+from metaemu.testing.world import World
+
+FLAVOR = {"Metadata-Flavor": "Google"}
+SA_PATH = "/computeMetadata/v1/instance/service-accounts/default/"
+
+
+@contextlib.asynccontextmanager
+async def running_server(world: World, *, clock: Clock | None = None, wait_ready: bool = True,
+                         **overrides: Any) -> AsyncIterator[MetaemuServer]:
+    """metaemu on 127.0.0.1:0 whose upstream calls go to ``world.google`` in process."""
+    raw = world.config(sts_url="http://sts.googleapis.test/v1/token", iam_url="http://iamcredentials.test/v1",
+                       **overrides)
+    config = parse_config(raw, hostname="node-1", base_dir=world.token_file.parent)
+    server = MetaemuServer(config, clock=clock, http=world.google.client(clock=clock))
+    async with server:
+        if wait_ready:
+            creds = server.components.credentials
+            with contextlib.suppress(Exception):
+                await creds.access.get(creds.default_scopes, wait_s=5.0)
+        yield server
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+class Mds:
+    """Raw HTTP against a metadata listener: no redirects followed, raw paths kept."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def get(self, path: str, *, headers: dict[str, str] | None = None, method: str = "GET",
+                  flavor: bool = True) -> Reply:
+        hdrs = dict(FLAVOR if flavor else {}) | (headers or {})
+        url = URL(self.base_url + path, encoded=True)
+        async with self._session.request(method, url, headers=hdrs, allow_redirects=False) as resp:
+            return Reply(resp.status, resp.headers, await resp.read())
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
