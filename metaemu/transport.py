@@ -111,8 +111,15 @@ class AiohttpClient:
                 request.method, request.url, headers=dict(request.headers),
                 data=request.body or None, timeout=timeout, allow_redirects=False,
             ) as resp:
-                body = await resp.content.read(MAX_RESPONSE_BYTES)
-                return HttpResponse(status=resp.status, headers=dict(resp.headers), body=body)
+                # read(n) returns what has arrived so far, not n bytes: collect chunks until EOF
+                # (or the cap), so a body split across TCP segments is never truncated.
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) >= MAX_RESPONSE_BYTES:
+                        break
+                return HttpResponse(status=resp.status, headers=dict(resp.headers),
+                                    body=bytes(body[:MAX_RESPONSE_BYTES]))
         except TimeoutError:
             raise TransportFailure(request.url, f"no response within {request.timeout_s:g}s") from None
         except aiohttp.ClientError as exc:

@@ -92,6 +92,11 @@ class TokenCache(Generic[K, T]):
     def __len__(self) -> int:
         return len(self._entries) + len(self._pinned)
 
+    @property
+    def in_flight(self) -> int:
+        """Fetches running now (for readiness checks and tests that wait for quiescence)."""
+        return sum(1 for _, e in self._all() if e.task is not None)
+
     def pin(self, key: K) -> None:
         """Keep ``key`` warm whether or not it is requested (the default token)."""
         entry = self._entries.pop(key, None) or self._pinned.get(key) or _Entry()
@@ -187,6 +192,12 @@ class TokenCache(Generic[K, T]):
     async def _run_fetch(self, key: K, entry: _Entry[T]) -> T:
         try:
             token = await self._fetch(key)
+            left = token.remaining_s(self._clock.now())
+            if left < self._floor:
+                # T-05/T-06: never serve it. Google mints ~1 h tokens, so this means our clock is
+                # far ahead of Google's (or upstream misbehaves): say so instead of serving.
+                raise CredentialError(f"upstream returned a {self.kind.replace('_', ' ')} that expires in "
+                                      f"{left:.0f} s (below the {self._floor:.0f} s floor); is the clock right?")
         except CredentialError as exc:
             self._record_failure(entry, exc)
             raise

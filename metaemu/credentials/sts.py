@@ -19,6 +19,8 @@ GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 #: STS omits expires_in when the subject token is itself a Google access token (upstream.md §1.2);
 #: Google access tokens last one hour.
 DEFAULT_EXPIRES_IN_S = 3600
+#: STS tokens last at most 12 h (the longest Google access-token lifetime); anything beyond is garbage.
+MAX_EXPIRES_IN_S = 12 * 3600
 
 
 class StsClient:
@@ -44,9 +46,9 @@ class StsClient:
         expires_in = body.get("expires_in", DEFAULT_EXPIRES_IN_S)
         try:
             seconds = int(expires_in)  # an integer or a numeric string (UP-03)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             seconds = -1
-        if not isinstance(token, str) or not token or seconds <= 0:
+        if not isinstance(token, str) or not token or not 0 < seconds <= MAX_EXPIRES_IN_S:
             raise UpstreamError(service="sts", url=self._url, status=200, body="(malformed)", retryable=True,
-                                message="token response lacks access_token or a positive expires_in")
+                                message="token response lacks access_token or a valid expires_in")
         return FederatedToken(value=token, expiry=sent_at + dt.timedelta(seconds=seconds))

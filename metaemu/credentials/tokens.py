@@ -81,4 +81,7 @@ def jwt_expiry(token: str) -> dt.datetime:
     exp = unverified_claims(token).get("exp")
     if not isinstance(exp, int | float) or isinstance(exp, bool):
         raise ValueError("JWT has no numeric exp claim")
-    return dt.datetime.fromtimestamp(exp, dt.UTC)
+    try:
+        return dt.datetime.fromtimestamp(exp, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError("JWT exp claim is out of range") from None
