@@ -18,6 +18,9 @@ class Clock(Protocol):
     def now(self) -> dt.datetime:
         """Aware UTC wall-clock time."""
 
+    def time(self) -> float:
+        """``now()`` as a Unix timestamp (cheaper, for the request hot path)."""
+
     def monotonic(self) -> float:
         """Seconds on a clock that never goes backwards."""
 
@@ -28,6 +31,9 @@ class Clock(Protocol):
 class SystemClock:
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)
+
+    def time(self) -> float:
+        return time.time()
 
     def monotonic(self) -> float:
         return time.monotonic()

@@ -60,10 +60,12 @@ class CachedCredentials:
         """The default access token is cached and servable (readiness, issue §6)."""
         return self.access.peek(self.default_scopes) is not None
 
-    async def access_token(self, scopes: Sequence[str] | None, *, wait_s: float) -> AccessToken:
-        # Without impersonation the federated token is served whatever scopes are asked (SA-09:
-        # a server may ignore them); keying by the default set keeps one token warm.
-        key = scope_key(scopes) if scopes and self._pipeline.impersonates else self.default_scopes
+    def access_key(self, scopes: Sequence[str] | None) -> ScopeKey:
+        """The cache key for a token request. Without impersonation the federated token is served
+        whatever scopes are asked (SA-09: a server may ignore them), so one token is kept warm."""
+        return scope_key(scopes) if scopes and self._pipeline.impersonates else self.default_scopes
+
+    async def access_token(self, key: ScopeKey, *, wait_s: float) -> AccessToken:
         return await self.access.get(key, wait_s=wait_s)
 
     async def id_token(self, key: IdTokenKey, *, wait_s: float) -> IdentityToken:

@@ -114,6 +114,21 @@ class TokenCache(Generic[K, T]):
             return None
         return entry.token if entry.token.remaining_s(self._clock.now()) >= self._floor else None
 
+    def get_nowait(self, key: K, now_ts: float) -> T | None:
+        """The servable cached token for ``key`` (counted as a hit), or None; never fetches.
+
+        The request hot path (``now_ts`` is ``Clock.time()``): no await, float arithmetic only. A
+        None here is followed by ``get``, which counts the miss and fetches.
+        """
+        entry = self._pinned.get(key) or self._entries.get(key)
+        if entry is None or entry.token is None or entry.token.expiry_ts - now_ts < self._floor:
+            return None
+        entry.last_used = self._clock.monotonic()
+        self._metrics.token_cache.inc(self.kind, "hit")
+        if entry.last_error is not None:
+            self._metrics.stale_served.inc()
+        return entry.token
+
     async def get(self, key: K, *, wait_s: float) -> T:
         """A servable token for ``key``.
 
@@ -124,11 +139,11 @@ class TokenCache(Generic[K, T]):
         entry.last_used = self._clock.monotonic()
         token = entry.token
         if token is not None and token.remaining_s(self._clock.now()) >= self._floor:
-            self._metrics.token_cache.labels(self.kind, "hit").inc()
+            self._metrics.token_cache.inc(self.kind, "hit")
             if entry.last_error is not None:
                 self._metrics.stale_served.inc()
             return token
-        self._metrics.token_cache.labels(self.kind, "miss").inc()
+        self._metrics.token_cache.inc(self.kind, "miss")
         if entry.last_error is not None and self._clock.monotonic() < entry.retry_at and entry.task is None:
             raise entry.last_error
         task = self._start(key, entry)
@@ -178,7 +193,7 @@ class TokenCache(Generic[K, T]):
         entry = self._pinned.get(key) or self._entries.get(key)
         if entry is None:
             if self._entries.currsize >= self._entries.maxsize:
-                self._metrics.token_cache.labels(self.kind, "evict").inc()
+                self._metrics.token_cache.inc(self.kind, "evict")
             entry = _Entry()
             self._entries[key] = entry
         return entry

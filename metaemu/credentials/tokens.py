@@ -25,13 +25,22 @@ AWS_TOKEN_TYPE = "urn:ietf:params:aws:token-type:aws4_request"
 class Token:
     value: str = field(repr=False)
     expiry: dt.datetime
+    #: ``expiry`` as a Unix timestamp, for float arithmetic on the request hot path.
+    expiry_ts: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "expiry_ts", self.expiry.timestamp())
 
     def remaining_s(self, now: dt.datetime) -> float:
         return (self.expiry - now).total_seconds()
 
     def expires_in(self, now: dt.datetime) -> int:
         """Whole seconds left, rounded down so it never overstates the lifetime (T-01, SEC-28)."""
-        return max(0, math.floor(self.remaining_s(now)))
+        return self.expires_in_at(now.timestamp())
+
+    def expires_in_at(self, now_ts: float) -> int:
+        """``expires_in`` for a Unix-timestamp ``now``."""
+        return max(0, math.floor(self.expiry_ts - now_ts))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

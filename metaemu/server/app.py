@@ -76,7 +76,13 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
 def create_metadata_app(components: Components) -> web.Application:
     app = web.Application(client_max_size=MAX_REQUEST_BODY)
     app[COMPONENTS] = components
-    app.router.add_route("*", "/{tail:.*}", components.handler.__call__)
+    handler = components.handler.__call__
+    # Every canonical path gets a plain route: aiohttp resolves those with a dict lookup rather
+    # than a regex. The handler is the same either way and applies every rule itself to the raw
+    # path, so routing never decides what a request may reach; the catch-all takes the rest.
+    for path in components.handler.canonical_paths():
+        app.router.add_route("*", path, handler)
+    app.router.add_route("*", "/{tail:.*}", handler)
     app.cleanup_ctx.append(_token_refresher_ctx)
     return app
 

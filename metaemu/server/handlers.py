@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import Counter, Histogram
 
-from metaemu.cache.credentials import CachedCredentials, IdTokenKey
+from metaemu.cache.credentials import CachedCredentials, IdTokenKey, ScopeKey
 from metaemu.clock import Clock
+from metaemu.credentials.tokens import AccessToken
 from metaemu.errors import CredentialError, NotConfiguredError
 from metaemu.metrics import Metrics
 from metaemu.server.metadata_tree import Body, Entry
@@ -38,6 +38,9 @@ LONG_POLL_CAP_S = 300.0
 #: Google's emulator notes "500 max hanging gets" (Q-13); beyond that, 503 so they cannot starve
 #: token requests.
 LONG_POLL_LIMIT = 500
+#: Fast-path memos (Host values, raw token query strings) stop growing at this many entries; real
+#: clients use a handful of each.
+_MEMO_LIMIT = 256
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,22 +61,83 @@ class MetadataHandler:
         self._gce = responder.profile == "gce"
         self._long_polls = 0
         self.shutdown = asyncio.Event()  # set on SIGTERM: releases long polls
-        self._counters: dict[tuple[str, int], Counter] = {}
-        self._timers: dict[str, Histogram] = {}
+        # Memos for the fast path, bounded so hostile input cannot grow them.
+        self._hosts_seen: set[str] = set()
+        self._scope_keys: dict[str, ScopeKey] = {}
+        self._last_body: tuple[AccessToken, int, bytes] | None = None
+
+    def canonical_paths(self) -> list[str]:
+        return sorted(self._index)
 
     async def __call__(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        reply = await self._dispatch(request)
-        status = reply.response.status
-        counter = self._counters.get((reply.route, status))
-        if counter is None:
-            counter = self._counters[(reply.route, status)] = self._metrics.requests.labels(reply.route, str(status))
-        counter.inc()
-        timer = self._timers.get(reply.route)
-        if timer is None:
-            timer = self._timers[reply.route] = self._metrics.request_duration.labels(reply.route)
-        timer.observe(time.perf_counter() - started)
-        return reply.response
+        fast = self._fast_path(request)
+        if fast is not None:
+            route, response = fast
+        else:
+            reply = await self._dispatch(request)
+            route, response = reply.route, reply.response
+        self._metrics.requests.record(route, response.status, time.perf_counter() - started)
+        return response
+
+    def _fast_path(self, request: web.Request) -> tuple[str, web.Response] | None:
+        """Serve the common case without awaiting: a GET with the flavor header, an allowed Host,
+        no X-Forwarded-For, an exact canonical path, and (for ``token``) a cached token.
+
+        SECURITY: this only ever answers a subset of what ``_dispatch`` would answer, identically;
+        anything else returns None and goes through every rule in ``_dispatch``.
+        """
+        if request.method != "GET":
+            return None
+        headers = request.headers
+        if "X-Forwarded-For" in headers or headers.get("Metadata-Flavor") != "Google":
+            return None
+        host = headers.get("Host", "")
+        if host not in self._hosts_seen and not self._remember_host(host):
+            return None
+        entry = self._index.get(request.rel_url.raw_path)
+        if entry is None:
+            return None
+        raw_query = request.rel_url.raw_query_string
+        if entry.kind == "dynamic":
+            if entry.dynamic != "token":
+                return None
+            now_ts = self._clock.time()
+            key = self._scope_keys.get(raw_query)
+            if key is None:
+                key = self._scope_key(raw_query)
+            token = self._creds.access.get_nowait(key, now_ts)
+            if token is None:
+                return None
+            return entry.route, self._r.ok(self._token_body(token, now_ts), JSON, None)
+        if raw_query or entry.plain is None:
+            return None
+        return entry.route, self._r.ok(entry.plain.data, entry.plain.content_type, entry.plain.etag)
+
+    def _remember_host(self, host: str) -> bool:
+        if not self._hosts.allows(host):
+            return False
+        if len(self._hosts_seen) < _MEMO_LIMIT:
+            self._hosts_seen.add(host)
+        return True
+
+    def _scope_key(self, raw_query: str) -> ScopeKey:
+        params = parse_query(raw_query) if raw_query else {}
+        key = self._creds.access_key(_requested_scopes(params))
+        if len(self._scope_keys) < _MEMO_LIMIT:
+            self._scope_keys[raw_query] = key
+        return key
+
+    def _token_body(self, token: AccessToken, now_ts: float) -> bytes:
+        """SA-06 body; the last one is reused while the token and its whole seconds are unchanged."""
+        expires_in = token.expires_in_at(now_ts)
+        last = self._last_body
+        if last is not None and last[0] is token and last[1] == expires_in:
+            return last[2]
+        body = (f'{{"access_token":{json.dumps(token.value)},"expires_in":{expires_in},'
+                f'"token_type":"Bearer"}}').encode()
+        self._last_body = (token, expires_in, body)
+        return body
 
     def _blocked(self, reason: str, response: web.Response, route: str = "(blocked)") -> Reply:
         self._metrics.blocked.labels(reason).inc()
@@ -161,16 +225,12 @@ class MetadataHandler:
     # ------------------------------------------------------------ dynamic keys
 
     async def _token(self, params: dict[str, str]) -> web.Response:
-        scopes = params.get("scopes")
-        # SA-09: any scopes value is accepted; comma-separated, blanks ignored.
-        requested = [s for s in scopes.split(",") if s.strip()] if scopes else None
         try:
-            token = await self._creds.access_token(requested, wait_s=FIRST_TOKEN_WAIT_S)
+            token = await self._creds.access_token(self._creds.access_key(_requested_scopes(params)),
+                                                   wait_s=FIRST_TOKEN_WAIT_S)
         except CredentialError as exc:
             return self._credential_error(exc, "access token")
-        expires_in = token.expires_in(self._clock.now())
-        body = f'{{"access_token":{json.dumps(token.value)},"expires_in":{expires_in},"token_type":"Bearer"}}'
-        return self._r.ok(body.encode(), JSON, None)  # SA-06, SA-07, SA-08
+        return self._r.ok(self._token_body(token, self._clock.time()), JSON, None)  # SA-06, SA-07, SA-08
 
     async def _identity(self, params: dict[str, str]) -> web.Response:
         audience = params.get("audience", "")
@@ -194,3 +254,9 @@ class MetadataHandler:
         status = 404 if isinstance(exc, NotConfiguredError) else 403 if exc.permanent else 503
         extra = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
         return self._r.text(status, credential_error_text(exc, what), extra=extra)
+
+
+def _requested_scopes(params: dict[str, str]) -> list[str] | None:
+    """SA-09: any ``scopes`` value is accepted; comma-separated, blanks ignored."""
+    scopes = params.get("scopes")
+    return [s for s in scopes.split(",") if s.strip()] if scopes else None

@@ -61,13 +61,16 @@ class Responder:
         else:
             base |= {"Server": "GKE Metadata Server"}
         self._base = base
+        self._ok_headers: dict[str, CIMultiDict[str]] = {}
 
     def ok(self, data: bytes, content_type: str, etag: str | None) -> web.Response:
-        headers = CIMultiDict(self._base)
-        headers["Content-Type"] = content_type
+        headers = self._ok_headers.get(content_type)
+        if headers is None:
+            headers = self._ok_headers[content_type] = CIMultiDict(self._base, **{"Content-Type": content_type})
         if etag is not None:
+            headers = headers.copy()
             headers["ETag"] = etag
-        return web.Response(body=data, headers=headers)
+        return web.Response(body=data, headers=headers)  # aiohttp copies the headers it is given
 
     def text(self, status: int, text: str, *, extra: dict[str, str] | None = None,
              content_type: str = _PLAIN) -> web.Response:

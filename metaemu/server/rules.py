@@ -9,9 +9,12 @@ case-sensitive, so ``/COMPUTEMETADATA/V1/`` is simply unknown (404) and reaches 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +31,7 @@ class CanonicalPath:
 def normalise_path(raw_path: str) -> CanonicalPath | None:
     """Canonicalise a raw request path; None when it holds control characters (answer 404)."""
     decoded = unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
-    if any(ord(c) < 0x20 or c == "\x7f" for c in decoded):
+    if _CONTROL.search(decoded):
         return None
     decoded = decoded.replace("\\", "/")
     segments: list[str] = []

@@ -66,6 +66,9 @@ class FakeClock:
     def now(self) -> dt.datetime:
         return self._wall
 
+    def time(self) -> float:
+        return self.now().timestamp()
+
     def monotonic(self) -> float:
         return self._monotonic
 

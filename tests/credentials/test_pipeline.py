@@ -115,8 +115,9 @@ def credentials_for(world: World, clock: FakeClock, metrics: Metrics, *, imperso
 async def test_a_burst_of_access_token_requests_on_a_cold_cache_makes_one_sts_and_one_iam_call_up19(
         world: World, clock: FakeClock, metrics: Metrics) -> None:
     credentials = credentials_for(world, clock, metrics, impersonate=True)
+    key_for = credentials.access_key
     released = world.google.stall("sts")  # hold the exchange so every request arrives while it is in flight
-    burst = asyncio.gather(*(credentials.access_token(None, wait_s=WAIT_S) for _ in range(BURST)))
+    burst = asyncio.gather(*(credentials.access_token(key_for(None), wait_s=WAIT_S) for _ in range(BURST)))
     await settle()
     assert world.google.calls == {"sts": 1}
     released.set()
@@ -129,8 +130,9 @@ async def test_a_burst_of_access_token_requests_on_a_cold_cache_makes_one_sts_an
 async def test_a_burst_without_impersonation_makes_one_sts_exchange_up19(
         world: World, clock: FakeClock, metrics: Metrics) -> None:
     credentials = credentials_for(world, clock, metrics, impersonate=False)
+    key_for = credentials.access_key
     released = world.google.stall("sts")
-    burst = asyncio.gather(*(credentials.access_token([STORAGE_SCOPE] if i % 2 else None, wait_s=WAIT_S)
+    burst = asyncio.gather(*(credentials.access_token(key_for([STORAGE_SCOPE] if i % 2 else None), wait_s=WAIT_S)
                              for i in range(BURST)))
     await settle()
     released.set()
@@ -142,10 +144,11 @@ async def test_a_burst_without_impersonation_makes_one_sts_exchange_up19(
 async def test_a_mixed_burst_shares_one_sts_exchange_and_makes_one_iam_call_per_key_up19(
         world: World, clock: FakeClock, metrics: Metrics) -> None:
     credentials = credentials_for(world, clock, metrics, impersonate=True)
+    key_for = credentials.access_key
     released = world.google.stall("sts")
     id_key = IdTokenKey(audience="https://svc.example", format="full", licenses=False)
-    requests = [credentials.access_token(None, wait_s=WAIT_S) for _ in range(BURST // 4)]
-    requests += [credentials.access_token([STORAGE_SCOPE], wait_s=WAIT_S) for _ in range(BURST // 4)]
+    requests = [credentials.access_token(key_for(None), wait_s=WAIT_S) for _ in range(BURST // 4)]
+    requests += [credentials.access_token(key_for([STORAGE_SCOPE]), wait_s=WAIT_S) for _ in range(BURST // 4)]
     id_requests = [credentials.id_token(id_key, wait_s=WAIT_S) for _ in range(BURST // 2)]
     burst = asyncio.gather(asyncio.gather(*requests), asyncio.gather(*id_requests))
     await settle()
