@@ -31,7 +31,7 @@ def main() -> int:
         creds, project = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
         creds.refresh(request)
         out.update(adc_type=type(creds).__name__, project=project, access_token=creds.token,
-                   email=creds.service_account_email, universe_domain=creds.universe_domain)
+                   email=getattr(creds, "service_account_email", None), universe_domain=creds.universe_domain)
         stage = "compute_engine"
         ce = compute_engine.Credentials()
         ce.refresh(request)
