@@ -22,7 +22,7 @@ from metaemu.clock import Clock
 from metaemu.config import Config
 from metaemu.credentials.impersonation import IamCredentialsClient
 from metaemu.credentials.pipeline import Identity, Pipeline
-from metaemu.credentials.sources import build_source
+from metaemu.credentials.sources import SourceContext, build_source
 from metaemu.credentials.sts import StsClient
 from metaemu.credentials.upstream import UpstreamCaller
 from metaemu.metrics import Metrics
@@ -56,7 +56,7 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
     pipeline = Pipeline(
         identity=Identity(audience=wi.audience, service_account=wi.service_account,
                           default_scopes=wi.scopes, lifetime_s=wi.token_lifetime_seconds),
-        source=build_source(wi.source, clock=clock),
+        source=build_source(wi.source, SourceContext(clock=clock, http=http, metrics=metrics, audience=wi.audience)),
         sts=StsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="sts"),
                       url=config.endpoints.sts, clock=clock, timeout_s=timeout),
         iam=IamCredentialsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="iam"),

@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from metaemu.credentials.sources import build_source
+from metaemu.credentials.sources import SourceContext, build_source
 from metaemu.credentials.sources.config import FileSourceConfig, parse_credential_source, parse_source
 from metaemu.credentials.sources.file import MAX_TOKEN_FILE_BYTES, FileSource
 from metaemu.credentials.tokens import ACCESS_TOKEN_TYPE, ID_TOKEN_TYPE, JWT_TOKEN_TYPE
 from metaemu.errors import ConfigError, SourceError
+from metaemu.metrics import create_metrics
 from metaemu.testing.fake_clock import DEFAULT_START, FakeClock, settle
+from metaemu.testing.inprocess import InProcessClient
 from metaemu.testing.world import AUDIENCE, KSA, NAMESPACE, World
+from metaemu.transport import HttpRequest, HttpResponse
 
 #: Bounds the FIFO writer only when the event loop is (wrongly) blocked; a passing run never waits.
 _BLOCKED_LOOP_GRACE_S = 5.0
@@ -156,7 +159,7 @@ async def test_json_format_reads_the_subject_token_field_name_field(world: World
         subject_token_type=ID_TOKEN_TYPE, prefix="credential_source.", base_dir=tmp_path)
     assert config == FileSourceConfig(path=tmp_path / "creds.json", token_type=ID_TOKEN_TYPE,
                                       format_type="json", field_name="id_token")
-    subject = await build_source(config, clock=clock).fetch()
+    subject = await build_source(config, context(clock)).fetch()
     assert (subject.value, subject.token_type) == (token, ID_TOKEN_TYPE)
     assert subject.expiry == DEFAULT_START + dt.timedelta(hours=1)
 
@@ -199,7 +202,7 @@ async def test_a_non_jwt_token_type_is_passed_through_without_jwt_checks(clock: 
 async def test_kubernetes_source_config_builds_a_kubernetes_file_source(world: World, clock: FakeClock) -> None:
     config = parse_source({"type": "kubernetes", "token_file": world.token_file.name}, prefix="source.",
                           base_dir=world.token_file.parent)
-    source = build_source(config, clock=clock)
+    source = build_source(config, context(clock))
     assert source.kind == "kubernetes"
     assert (await source.fetch()).value == world.token_file.read_text()
 
@@ -230,3 +233,12 @@ async def test_a_blocking_read_runs_off_the_event_loop_up20(world: World, clock:
     subject = await fetch
     await asyncio.to_thread(writer.join, _BLOCKED_LOOP_GRACE_S)
     assert subject.value == token
+
+
+def context(clock: FakeClock) -> SourceContext:
+    """A file source needs only the clock; the rest is there for sources that call out."""
+    return SourceContext(clock=clock, http=InProcessClient(_no_http), metrics=create_metrics(), audience="//aud")
+
+
+async def _no_http(request: HttpRequest) -> HttpResponse:
+    raise AssertionError(f"a file source made an HTTP request: {request!r}")

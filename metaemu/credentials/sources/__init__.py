@@ -7,11 +7,14 @@ kind; ``build_source`` is the only place that knows the kinds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from metaemu.clock import Clock
 from metaemu.credentials.sources.config import FileSourceConfig, KubernetesSourceConfig, SourceConfig
 from metaemu.credentials.tokens import SubjectToken
+from metaemu.metrics import Metrics
+from metaemu.transport import HttpClient
 
 
 class SubjectTokenSource(Protocol):
@@ -22,11 +25,22 @@ class SubjectTokenSource(Protocol):
         """A fresh subject token; raises ``SourceError`` (never returns a stale or empty one)."""
 
 
-def build_source(config: SourceConfig, *, clock: Clock) -> SubjectTokenSource:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceContext:
+    """What a source may need besides its own configuration."""
+
+    clock: Clock
+    http: HttpClient
+    metrics: Metrics
+    #: The Workload Identity provider audience (AWS signs it into the request; OIDC defaults to it).
+    audience: str
+
+
+def build_source(config: SourceConfig, context: SourceContext) -> SubjectTokenSource:
     from metaemu.credentials.sources.file import FileSource
 
     match config:
         case KubernetesSourceConfig():
-            return FileSource.kubernetes(config.token_file, clock=clock)
+            return FileSource.kubernetes(config.token_file, clock=context.clock)
         case FileSourceConfig():
-            return FileSource(config, clock=clock)
+            return FileSource(config, clock=context.clock)
