@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from metaemu.clock import Clock
-from metaemu.credentials.sources.config import FileSourceConfig, KubernetesSourceConfig, SourceConfig
+from metaemu.credentials.sources.config import FileSourceConfig, KubernetesSourceConfig, SourceConfig, source_module
 from metaemu.credentials.tokens import SubjectToken
 from metaemu.metrics import Metrics
 from metaemu.transport import HttpClient
@@ -44,3 +44,5 @@ def build_source(config: SourceConfig, context: SourceContext) -> SubjectTokenSo
             return FileSource.kubernetes(config.token_file, clock=context.clock)
         case FileSourceConfig():
             return FileSource(config, clock=context.clock)
+    source: SubjectTokenSource = source_module(config.kind, "workload_identity.source.type").build(config, context)
+    return source

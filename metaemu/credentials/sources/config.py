@@ -1,16 +1,19 @@
 """Configuration of subject-token sources: the ``workload_identity.source`` mapping and the
 ``credential_source`` object of a Google ``external_account`` file.
 
-One frozen dataclass per kind; ``parse_source`` / ``parse_credential_source`` raise ``ConfigError``
-naming the key. The factory that turns these into running sources is in ``sources/__init__.py``.
+Built-in kinds (``kubernetes``, ``file``) are parsed here; every other kind lives in its own module
+(``SOURCE_MODULES``). ``parse_source`` / ``parse_credential_source`` raise ``ConfigError`` naming the
+key. The factory that turns configurations into running sources is in ``sources/__init__.py``.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import ModuleType
+from typing import Any, Literal, Protocol
 
 from metaemu.credentials.tokens import ACCESS_TOKEN_TYPE, AWS_TOKEN_TYPE, ID_TOKEN_TYPE, JWT_TOKEN_TYPE
 from metaemu.errors import ConfigError
@@ -43,7 +46,44 @@ class FileSourceConfig:
             raise ConfigError("credential_source.format.subject_token_field_name", "required with type json")
 
 
-SourceConfig = KubernetesSourceConfig | FileSourceConfig
+class SourceConfig(Protocol):
+    """Any source kind's frozen configuration; ``kind`` selects the module that builds it."""
+
+    @property
+    def kind(self) -> str: ...
+
+
+#: Source kinds implemented in their own module. Each module provides
+#: ``parse_config(raw, *, prefix, base_dir) -> <its config>`` and ``build(config, context)``; modules
+#: with external_account support also provide ``parse_credential_source(raw, *, token_type, prefix,
+#: base_dir)``. Keeping kinds apart lets each evolve (and be tested) on its own.
+SOURCE_MODULES: dict[str, str] = {
+    "aws": "metaemu.credentials.sources.aws",
+    "oidc": "metaemu.credentials.sources.oidc",
+    "url": "metaemu.credentials.sources.external",
+    "executable": "metaemu.credentials.sources.external",
+    "google": "metaemu.credentials.sources.google",
+}
+#: external_account ``credential_source`` keys handled by a module (AIP-4117).
+CREDENTIAL_SOURCE_MODULES: dict[str, str] = {
+    "url": "metaemu.credentials.sources.external",
+    "executable": "metaemu.credentials.sources.external",
+    "environment_id": "metaemu.credentials.sources.aws",
+}
+_BUILTIN = ("kubernetes", "file")
+
+
+def source_module(kind: str, key: str) -> ModuleType:
+    """The module implementing ``kind``; ``ConfigError`` at ``key`` when this build lacks it."""
+    name = SOURCE_MODULES.get(kind) or CREDENTIAL_SOURCE_MODULES.get(kind)
+    if name is None:
+        raise ConfigError(key, f"unknown source type {kind!r} (one of: {', '.join([*_BUILTIN, *SOURCE_MODULES])})")
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        raise ConfigError(key, f"source type {kind!r} is not supported by this version of metaemu") from None
 
 
 def parse_source(raw: Mapping[str, Any], *, prefix: str, base_dir: Path) -> SourceConfig:
@@ -66,10 +106,13 @@ def parse_source(raw: Mapping[str, Any], *, prefix: str, base_dir: Path) -> Sour
         field = raw.get("subject_token_field_name")
         return FileSourceConfig(path=base_dir / path, token_type=token_type, format_type=fmt,
                                 field_name=str(field) if field else None)
-    known = "kubernetes, file"
     if kind is None:
-        raise ConfigError(prefix + "type", f"required (one of: {known})")
-    raise ConfigError(prefix + "type", f"unknown source type {kind!r} (one of: {known})")
+        raise ConfigError(prefix + "type", f"required (one of: {', '.join([*_BUILTIN, *SOURCE_MODULES])})")
+    if not isinstance(kind, str) or kind not in SOURCE_MODULES:
+        raise ConfigError(prefix + "type", f"unknown source type {kind!r} "
+                          f"(one of: {', '.join([*_BUILTIN, *SOURCE_MODULES])})")
+    config: SourceConfig = source_module(kind, prefix + "type").parse_config(raw, prefix=prefix, base_dir=base_dir)
+    return config
 
 
 def parse_credential_source(
@@ -90,11 +133,12 @@ def parse_credential_source(
             raise ConfigError(prefix + "format.subject_token_field_name", "required with type json")
         return FileSourceConfig(path=base_dir / str(raw["file"]), token_type=token_type,
                                 format_type=fmt_type, field_name=str(field) if field else None)
-    for unsupported in ("url", "executable", "environment_id"):
-        if unsupported in raw:
-            raise ConfigError(prefix + unsupported, "this credential source is not supported by this "
-                              "version of metaemu (supported: file)")
-    raise ConfigError(prefix.rstrip("."), "expected a \"file\" key")
+    for key in CREDENTIAL_SOURCE_MODULES:
+        if key in raw:
+            config: SourceConfig = source_module(key, prefix + key).parse_credential_source(
+                raw, token_type=token_type, prefix=prefix, base_dir=base_dir)
+            return config
+    raise ConfigError(prefix.rstrip("."), "expected one of: file, url, executable, environment_id")
 
 
 def _token_type(value: Any, key: str) -> str:
