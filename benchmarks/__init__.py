@@ -1,0 +1,1 @@
+"""metaemu benchmarks: run ``python benchmarks/run.py [--quick]`` (see benchmarks/README.md)."""

@@ -1,0 +1,195 @@
+"""The servers under load, each in its own process pinned to one core.
+
+Owns the child-process entry points (metaemu with the in-process Google stand-in, the bare aiohttp
+baseline, the Google stand-in on a loopback socket) and ``ServerProcess``, which starts one, reads
+back what it bound and stops it. Children are started with ``spawn`` so they share nothing with the
+benchmark process (no inherited event loop, no copied heap).
+
+Not owned here: load generation (``load.py``) or any measurement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+#: Every child binds loopback only: the benchmark never listens on a routable address.
+LOOPBACK = "127.0.0.1"
+#: Start-up includes importing aiohttp, metaemu and cryptography in a fresh interpreter and, for
+#: metaemu, the first STS + IAM exchange; a few seconds at most on a slow machine.
+START_TIMEOUT_S = 30.0
+#: How long a child gets to shut down gracefully after SIGTERM before it is killed.
+STOP_TIMEOUT_S = 10.0
+TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"
+
+ChildMain = Callable[..., None]
+
+
+def pin_to_cpu(cpu: int | None) -> None:
+    """Restrict the calling process to ``cpu`` (no-op for None)."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+class ServerProcess:
+    """A child process that reports one value (its address) on a pipe, then serves until SIGTERM."""
+
+    def __init__(self, target: ChildMain, *args: Any) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._parent, child = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=target, args=(child, *args), daemon=True)
+        self._child = child
+        self.info: Any = None
+
+    @property
+    def pid(self) -> int:
+        if self._process.pid is None:
+            raise RuntimeError("the server process has not been started")
+        return self._process.pid
+
+    def start(self) -> Any:
+        """Start the child; returns what it reported once serving. Raises RuntimeError on failure."""
+        self._process.start()
+        self._child.close()
+        if not self._parent.poll(START_TIMEOUT_S):
+            self.stop()
+            raise RuntimeError(f"{self._process.name} did not start within {START_TIMEOUT_S:g}s")
+        try:
+            self.info = self._parent.recv()
+        except EOFError:
+            self._process.join(STOP_TIMEOUT_S)
+            self.stop()
+            raise RuntimeError(f"{self._process.name} exited during start-up "
+                               f"(exit code {self._process.exitcode})") from None
+        return self.info
+
+    def stop(self) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(STOP_TIMEOUT_S)
+        self._parent.close()
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+async def _until_sigterm() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _serve_app(app: web.Application, conn: multiprocessing.connection.Connection,
+                     info: Callable[[int], Any]) -> None:
+    # access_log=None as metaemu's runner does: the comparison is of request handling, not logging.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, LOOPBACK, 0).start()
+        conn.send(info(int(runner.addresses[0][1])))
+        await _until_sigterm()
+    finally:
+        await runner.cleanup()
+
+
+# ---------------------------------------------------------------- bare aiohttp baseline
+
+
+def baseline_app(body: bytes, headers: Mapping[str, str]) -> web.Application:
+    """One handler answering ``TOKEN_PATH`` with fixed bytes and headers: the floor for aiohttp."""
+    frozen = dict(headers)
+
+    async def token(_: web.Request) -> web.Response:
+        return web.Response(body=body, headers=frozen)
+
+    app = web.Application()
+    app.router.add_get(TOKEN_PATH, token)
+    return app
+
+
+def baseline_main(conn: multiprocessing.connection.Connection, cpu: int | None, body: bytes,
+                  headers: dict[str, str]) -> None:
+    pin_to_cpu(cpu)
+    asyncio.run(_serve_app(baseline_app(body, headers), conn, lambda port: port))
+
+
+# ---------------------------------------------------------------- metaemu, Google in process
+
+
+def metaemu_main(conn: multiprocessing.connection.Connection, cpu: int | None) -> None:
+    """metaemu on loopback; upstream calls go to the in-process stand-in (no sockets, no latency)."""
+    pin_to_cpu(cpu)
+    asyncio.run(_metaemu(conn))
+
+
+async def _metaemu(conn: multiprocessing.connection.Connection) -> None:
+    from metaemu.config import parse_config
+    from metaemu.server.runner import MetaemuServer
+    from metaemu.testing.world import build_world
+
+    with tempfile.TemporaryDirectory(prefix="metaemu-bench-") as tmp:
+        world = build_world(Path(tmp))
+        raw = world.config(sts_url="http://sts.googleapis.test/v1/token", iam_url="http://iamcredentials.test/v1")
+        config = parse_config(raw, hostname="bench", base_dir=Path(tmp))
+        async with MetaemuServer(config, http=world.google.client()) as server:
+            creds = server.components.credentials
+            await creds.access.get(creds.default_scopes, wait_s=START_TIMEOUT_S)
+            conn.send(server.metadata_address.port)
+            await _until_sigterm()
+
+
+# ---------------------------------------------------------------- Google stand-in on a socket
+
+
+def google_main(conn: multiprocessing.connection.Connection, cpu: int | None, directory: str) -> None:
+    """Google STS + IAM stand-in on loopback for a ``metaemu serve`` subprocess.
+
+    Reports the metaemu configuration (as parsed YAML, listen addresses still to fill in) that
+    points at it; the projected token is written under ``directory``.
+    """
+    pin_to_cpu(cpu)
+    from metaemu.testing.world import build_world
+
+    world = build_world(Path(directory))
+
+    def info(port: int) -> dict[str, Any]:
+        base = f"http://{LOOPBACK}:{port}"
+        return world.config(sts_url=f"{base}/v1/token", iam_url=f"{base}/v1")
+
+    asyncio.run(_serve_app(world.google.app(), conn, info))
+
+
+# ---------------------------------------------------------------- a blocking probe
+
+
+def http_get(port: int, path: str, *, headers: Mapping[str, str],
+             timeout_s: float = 2.0) -> tuple[int, dict[str, str], bytes]:
+    """One GET to ``127.0.0.1:port``: (status, headers, body). Raises OSError when nothing listens."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout_s)
+    try:
+        conn.request("GET", path, headers=dict(headers))
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
