@@ -35,13 +35,18 @@ class Refresher:
         self._caches: list[RefreshableCache] = []
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self._planned_wake = float("inf")  # monotonic end of the current sleep (inf: not sleeping)
 
     def add(self, cache: RefreshableCache) -> None:
         self._caches.append(cache)
         self.wake()
 
-    def wake(self) -> None:
-        self._wake.set()
+    def wake(self, at: float | None = None) -> None:
+        """A cache's schedule changed; ``at`` is the monotonic time its changed key next needs
+        attention. Cut the sleep short only if that is earlier than the planned wake-up, so a
+        burst of completed fetches (each scheduling its next refresh far ahead) costs no rescans."""
+        if at is None or at < self._planned_wake:
+            self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -57,7 +62,9 @@ class Refresher:
             except Exception:  # a bug in one iteration must not stop all refreshes
                 log.exception("refresher iteration failed")
                 delay = 1.0
+            self._planned_wake = self._clock.monotonic() + delay
             await self._clock.sleep(delay, until=self._wake)
+            self._planned_wake = float("inf")
 
     def _start_due(self) -> None:
         for cache in self._caches:

@@ -76,7 +76,7 @@ class TokenCache(Generic[K, T]):
         metrics: Metrics,
         maxsize: int,
         serve_floor_s: float = SERVE_FLOOR_S,
-        on_schedule_change: Callable[[], None] = lambda: None,
+        on_schedule_change: Callable[[float | None], None] = lambda at: None,
         rng: random.Random | None = None,
     ) -> None:
         self.kind = kind
@@ -102,7 +102,7 @@ class TokenCache(Generic[K, T]):
         entry = self._entries.pop(key, None) or self._pinned.get(key) or _Entry()
         entry.pinned = True
         self._pinned[key] = entry
-        self._on_schedule_change()
+        self._on_schedule_change(None)
 
     def _all(self) -> list[tuple[K, _Entry[T]]]:
         return [*self._pinned.items(), *self._entries.items()]
@@ -215,16 +215,18 @@ class TokenCache(Generic[K, T]):
                                       f"{left:.0f} s (below the {self._floor:.0f} s floor); is the clock right?")
         except CredentialError as exc:
             self._record_failure(entry, exc)
+            self._on_schedule_change(entry.retry_at)
             raise
         except Exception as exc:  # a bug must not kill the refresher or leak a traceback to clients
             log.exception("unexpected error fetching %s", self.kind)
             error = CredentialError(f"internal error fetching {self.kind}: {type(exc).__name__}")
             self._record_failure(entry, error)
+            self._on_schedule_change(entry.retry_at)
             raise error from exc
         finally:
             entry.task = None
-            self._on_schedule_change()
         self._record_success(entry, token)
+        self._on_schedule_change(entry.refresh_at)
         return token
 
     def _record_success(self, entry: _Entry[T], token: T) -> None:

@@ -54,7 +54,7 @@ def metrics() -> Metrics:
 def make_cache(clock: FakeClock, metrics: Metrics, upstream: Upstream, *, maxsize: int = 8,
                refresher: Refresher | None = None) -> TokenCache[str, AccessToken]:
     return TokenCache(kind="access_token", fetch=upstream.fetch, clock=clock, metrics=metrics, maxsize=maxsize,
-                      rng=random.Random(7), on_schedule_change=refresher.wake if refresher else (lambda: None))
+                      rng=random.Random(7), on_schedule_change=refresher.wake if refresher else (lambda at: None))
 
 
 TRANSIENT = UpstreamError(service="sts", url="u", status=503, body={"error": "unavailable"}, retryable=True)
