@@ -40,6 +40,7 @@ unit: $(TEST_STAMP)
 test: $(TEST_STAMP) clients lint typecheck unit
 
 bench: $(TEST_STAMP)
+	command -v wrk >/dev/null || apt-get install -y --no-install-recommends wrk
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
