@@ -152,13 +152,15 @@ class MetadataHandler:
         if request.method != "GET":
             return self._blocked("method", self._r.text(405, "Method Not Allowed\n", extra={"Allow": "GET"}))
         if not self._hosts.allows(headers.get("Host")):
-            return self._blocked("host", self._r.text(403, "Host header is not a name of the metadata server.\n"))
+            return self._blocked("host", self._r.text(403, "Host header is not a name of the metadata server "
+                                                           "(operators: see allowed_hosts).\n"))
         raw_path = request.rel_url.raw_path
         canonical = normalise_path(raw_path)
         if canonical is None:
             return Reply(route="(unmatched)", response=self._r.not_found(raw_path))
         entry = self._index.get(canonical.key)
-        if canonical.path.startswith("/computeMetadata") and not self._has_flavor(headers):
+        first_segment = canonical.path.split("/", 2)[1]
+        if first_segment == "computeMetadata" and not self._has_flavor(headers):
             return self._blocked("metadata_flavor", self._r.missing_flavor(raw_path),
                                  route=entry.route if entry else "(unmatched)")
         if entry is None:

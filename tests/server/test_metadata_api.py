@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 
+import aiohttp
 import jwt
 import pytest
 
@@ -422,3 +423,20 @@ async def test_gke05_gke06_without_service_account(world: World) -> None:
             assert b"workload_identity.service_account" in r.body
         finally:
             await mds.close()
+
+
+async def test_sec16_listener_answers_only_on_its_own_address(gke: tuple[MetaemuServer, Mds]) -> None:
+    server, _ = gke
+    other = Mds(f"http://127.0.0.2:{server.metadata_address.port}")  # another address of this host
+    try:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await other.get(SA_PATH + "token")
+    finally:
+        await other.close()
+    assert server.metadata_address.host == "127.0.0.1"
+
+
+async def test_flavor_rule_applies_to_the_computemetadata_segment_only(gke: tuple[MetaemuServer, Mds]) -> None:
+    _, mds = gke
+    assert (await mds.get("/computeMetadataX/v1/", flavor=False)).status == 404
+    assert (await mds.get("/computeMetadata", flavor=False)).status == 403
