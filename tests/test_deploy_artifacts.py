@@ -23,18 +23,22 @@ def load_all(path: Path) -> list[dict[str, Any]]:
 def test_sidecar_configmap_holds_a_valid_metaemu_config() -> None:
     (configmap,) = load_all(ROOT / "manifests/sidecar/configmap.yaml")
     config = parse_config(yaml.safe_load(configmap["data"]["metaemu.yaml"]), hostname="pod", base_dir=Path("/"))
-    assert str(config.listen) == "127.0.0.1:8080"  # SEC-16: loopback of the pod only
-    assert not config.listen.overlaps(config.admin_listen)
+    assert str(config.listen) == "169.254.169.254:80"  # on the pod's loopback (SEC-16)
+    assert config.admin_listen.host == "127.0.0.1"  # SEC-32
     (deployment,) = load_all(ROOT / "manifests/sidecar/deployment.yaml")
     spec = deployment["spec"]["template"]["spec"]
     (volume,) = [v for v in spec["volumes"] if v["name"] == "gcp-token"]
     token = volume["projected"]["sources"][0]["serviceAccountToken"]
     assert token["audience"] == config.workload_identity.audience  # the projected token is for the provider
-    sidecar = spec["initContainers"][0]
+    init, sidecar = spec["initContainers"]
+    assert "ip addr add 169.254.169.254/32 dev lo" in init["command"][-1]  # what test_sidecar_netns does
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
     assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
-    env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
-    assert env == dict.fromkeys(("GCE_METADATA_HOST", "GCE_METADATA_IP", "GCE_METADATA_ROOT"), "127.0.0.1:8080")
+    assert {"name": "net.ipv4.ip_unprivileged_port_start", "value": "80"} in spec["securityContext"]["sysctls"]
+    assert spec["hostAliases"] == [{"ip": "169.254.169.254", "hostnames": ["metadata.google.internal", "metadata"]}]
+    assert "env" not in spec["containers"][0]  # the app needs no change at all
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
