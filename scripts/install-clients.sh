@@ -17,7 +17,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NODE_DIR="$ROOT/tests/clients/node"
 # wrk is the load generator of benchmarks/run.py (its smoke test runs in make test).
-APT_PACKAGES=(golang-go golang-golang-x-oauth2-google-dev golang-google-api-dev wrk)
+# prometheus provides promtool (alert unit tests); docker-compose validates docker-compose.yml offline.
+APT_PACKAGES=(golang-go golang-golang-x-oauth2-google-dev golang-google-api-dev wrk prometheus docker-compose)
 
 log() { printf '[install-clients] %s\n' "$*"; }
 

@@ -63,3 +63,12 @@ def test_dockerfile_runs_as_non_root_with_metaemu_entrypoint() -> None:
     assert "USER 65532:65532" in text
     assert 'ENTRYPOINT ["metaemu"]' in text
     assert 'CMD ["serve"]' in text
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian package) not installed")
+def test_compose_file_is_valid_for_docker_compose() -> None:
+    out = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", "demo", "config"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rendered = yaml.safe_load(out.stdout)
+    assert rendered["services"]["metaemu-demo"]["networks"]["metadata"]["ipv4_address"] == "169.254.169.254"
