@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: demo test lint typecheck unit clients bench clean
+.PHONY: demo test lint typecheck unit clients bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,7 @@ clients:
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 
 typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
@@ -42,6 +43,12 @@ test: $(TEST_STAMP) clients lint typecheck unit
 bench: $(TEST_STAMP)
 	command -v wrk >/dev/null || apt-get install -y --no-install-recommends wrk
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+# Regenerate the image's pinned, hash-checked runtime dependencies after changing pyproject.toml.
+lock:
+	$(PYTHON) -m venv /tmp/metaemu-lock && /tmp/metaemu-lock/bin/pip install -q pip-tools
+	/tmp/metaemu-lock/bin/pip-compile -q --generate-hashes --strip-extras --no-header --allow-unsafe \
+	  -o requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) tests/clients/node/node_modules .mypy_cache .ruff_cache .pytest_cache

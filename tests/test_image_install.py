@@ -1,0 +1,117 @@
+"""What the Dockerfile does, without a container engine (issue #5): metaemu's wheel installs into
+a fresh virtual environment from the same hash-checked requirements.lock, and `metaemu serve`
+starts and serves a token as a non-root uid from a read-only working directory, reading a
+read-only configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from metaemu.testing.world import SERVICE_ACCOUNT, World
+from tests.helpers import FLAVOR, SA_PATH
+from tests.test_cli import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="needs root and setpriv to run metaemu as another uid")
+
+
+@pytest.fixture(scope="module")
+def image_root() -> Iterator[Path]:
+    """A world-readable directory holding the wheel and a venv installed like the image."""
+    root = Path(tempfile.mkdtemp(prefix="metaemu-image-"))
+    root.chmod(0o755)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(root / "wheels"),
+                        str(ROOT)], check=True, timeout=300, capture_output=True)
+        subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, timeout=120)
+        pip = str(root / "venv/bin/pip")
+        subprocess.run([pip, "install", "-q", "--require-hashes", "-r", str(ROOT / "requirements.lock")],
+                       check=True, timeout=600, capture_output=True)
+        (wheel,) = (root / "wheels").glob("metaemu-*.whl")
+        subprocess.run([pip, "install", "-q", "--no-deps", str(wheel)], check=True, timeout=120, capture_output=True)
+        for path in [root, *root.rglob("*")]:  # like an image layer: readable by everyone, owned by root
+            if not path.is_symlink():
+                path.chmod(path.stat().st_mode | stat.S_IRGRP | stat.S_IROTH
+                           | (stat.S_IXGRP | stat.S_IXOTH if path.is_dir() or os.access(path, os.X_OK) else 0))
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    lock = (ROOT / "requirements.lock").read_text()
+    for dep in ("aiohttp", "cachetools", "prometheus-client", "pyyaml", "pyjwt", "botocore", "google-auth"):
+        assert f"\n{dep}==" in f"\n{lock}", dep
+    assert lock.count("--hash=sha256:") > 20
+
+
+@pytest.fixture
+async def google_url(world: World) -> AsyncIterator[str]:
+    runner = web.AppRunner(world.google.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+async def test_installed_wheel_serves_as_non_root_from_a_read_only_directory(
+        image_root: Path, world: World, google_url: str) -> None:
+    port, admin = free_port(), free_port()
+    etc = image_root / "etc"
+    etc.mkdir(exist_ok=True)
+    token = etc / "token"
+    token.write_text(world.token_file.read_text())
+    raw = world.config(sts_url=f"{google_url}/v1/token", iam_url=f"{google_url}/v1", listen=f"127.0.0.1:{port}",
+                       admin_listen=f"127.0.0.1:{admin}")
+    raw["workload_identity"]["source"]["token_file"] = str(token)
+    (etc / "metaemu.yaml").write_text(yaml.safe_dump(raw))
+    for path in (etc, token, etc / "metaemu.yaml"):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    env = {"PATH": f"{image_root}/venv/bin:/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        "setpriv", "--reuid=65532", "--regid=65532", "--clear-groups", "--",
+        str(image_root / "venv/bin/metaemu"), "serve", "--config", str(etc / "metaemu.yaml"),
+        cwd=str(etc), env=env, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as session:
+            body = await _first_token(session, f"http://127.0.0.1:{port}", proc)
+            assert body["token_type"] == "Bearer"
+            async with session.get(f"http://127.0.0.1:{port}{SA_PATH}email", headers=FLAVOR) as r:
+                assert await r.text() == SERVICE_ACCOUNT
+        with open(f"/proc/{proc.pid}/status") as status:
+            uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
+        assert set(uids) == {"65532"}
+        assert not os.access(etc, os.W_OK) or os.geteuid() == 0  # root may; uid 65532 may not
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+async def _first_token(session: aiohttp.ClientSession, base: str, proc: asyncio.subprocess.Process) -> dict[str, str]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while loop.time() < deadline:
+        assert proc.returncode is None, "metaemu exited"
+        try:
+            async with session.get(base + SA_PATH + "token", headers=FLAVOR) as r:
+                if r.status == 200:
+                    body: dict[str, str] = await r.json(content_type=None)
+                    return body
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.05)  # a child process coming up, bounded by the deadline
+    raise AssertionError("no token from the installed wheel")
