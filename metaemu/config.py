@@ -187,12 +187,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-_TOP_KEYS = {"listen", "admin_listen", "profile", "log_level", "project_id", "numeric_project_id",
-             "project_attributes", "instance", "workload_identity", "endpoints", "allowed_hosts"}
+#: Every key the file accepts, by section (the README's configuration reference is tested against these).
+TOP_KEYS = frozenset({"listen", "admin_listen", "profile", "log_level", "project_id", "numeric_project_id",
+                      "project_attributes", "instance", "workload_identity", "endpoints", "allowed_hosts"})
+INSTANCE_KEYS = frozenset({"id", "zone", "hostname", "name", "attributes", "tags"})
+WORKLOAD_IDENTITY_KEYS = frozenset({"audience", "service_account", "scopes", "token_lifetime_seconds", "source",
+                                    "credential_config"})
+ENDPOINTS_KEYS = frozenset({"sts", "iam_credentials", "timeout_seconds"})
 
 
 def parse_config(raw: Mapping[str, Any], *, hostname: str, base_dir: Path) -> Config:
-    _reject_unknown("", raw, _TOP_KEYS)
+    _reject_unknown("", raw, TOP_KEYS)
     profile = _str(raw, "profile", "gke")
     if profile not in ("gce", "gke"):
         raise ConfigError("profile", f"must be 'gce' or 'gke', got {profile!r}")
@@ -225,7 +230,7 @@ def parse_config(raw: Mapping[str, Any], *, hostname: str, base_dir: Path) -> Co
 
 
 def _parse_instance(raw: Mapping[str, Any], *, hostname: str, project_id: str) -> InstanceConfig:
-    _reject_unknown("instance.", raw, {"id", "zone", "hostname", "name", "attributes", "tags"})
+    _reject_unknown("instance.", raw, INSTANCE_KEYS)
     name = _opt_str(raw, "name", "instance.") or hostname.split(".")[0]
     host = _opt_str(raw, "hostname", "instance.") or f"{name}.c.{project_id}.internal"
     return InstanceConfig(
@@ -247,9 +252,8 @@ def _parse_workload_identity(
     raw: Mapping[str, Any], endpoints_raw: Mapping[str, Any], *, base_dir: Path
 ) -> tuple[WorkloadIdentity, Endpoints]:
     p = "workload_identity."
-    _reject_unknown(p, raw, {"audience", "service_account", "scopes", "token_lifetime_seconds", "source",
-                             "credential_config"})
-    _reject_unknown("endpoints.", endpoints_raw, {"sts", "iam_credentials", "timeout_seconds"})
+    _reject_unknown(p, raw, WORKLOAD_IDENTITY_KEYS)
+    _reject_unknown("endpoints.", endpoints_raw, ENDPOINTS_KEYS)
     scopes = _str_list(raw, "scopes", p + "scopes") or (CLOUD_PLATFORM_SCOPE,)
     lifetime = _int(raw, "token_lifetime_seconds", 3600, p)
     endpoints = Endpoints(
@@ -325,7 +329,7 @@ def _project_number(audience: str) -> str | None:
 # ---------------------------------------------------------------- typed accessors
 
 
-def _reject_unknown(prefix: str, raw: Mapping[str, Any], known: set[str]) -> None:
+def _reject_unknown(prefix: str, raw: Mapping[str, Any], known: frozenset[str]) -> None:
     for k in raw:
         if k not in known:
             raise ConfigError(prefix + str(k), f"unknown key (known: {', '.join(sorted(known))})")

@@ -148,9 +148,9 @@ def test_credential_config_replaces_audience_source_and_endpoints(tmp_path: Path
     assert c.project_id == "my-project"
 
 
-def test_credential_config_with_unsupported_source_is_refused_clearly(tmp_path: Path) -> None:
-    path = external_account(tmp_path, credential_source={"executable": {"command": "x"}})
-    with pytest.raises(ConfigError, match="executable"):
+def test_credential_config_with_unknown_source_is_refused_clearly(tmp_path: Path) -> None:
+    path = external_account(tmp_path, credential_source={"carrier_pigeon": {"coop": "x"}})
+    with pytest.raises(ConfigError, match="expected one of: file, url, executable, environment_id"):
         load_config(path=None, credential_config=path, env={})
 
 
@@ -160,3 +160,21 @@ def test_credential_config_clashing_with_audience_is_refused(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as err:
         parse(raw)
     assert err.value.key == "workload_identity.credential_config"
+
+
+def _reference_block() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Configuration reference"):]
+    return section[section.index("```yaml") + len("```yaml"):section.index("```\n", section.index("```yaml") + 7)]
+
+
+def test_readme_configuration_reference_matches_the_parser() -> None:
+    from metaemu.config import ENDPOINTS_KEYS, INSTANCE_KEYS, TOP_KEYS, WORKLOAD_IDENTITY_KEYS
+
+    reference = yaml.safe_load(_reference_block())
+    assert set(reference) == TOP_KEYS
+    assert set(reference["instance"]) == INSTANCE_KEYS
+    assert set(reference["workload_identity"]) | {"credential_config"} == WORKLOAD_IDENTITY_KEYS
+    assert set(reference["endpoints"]) == ENDPOINTS_KEYS
+    config = parse(reference)  # and the documented example is a valid configuration
+    assert config.profile == "gke"
