@@ -56,7 +56,8 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
     pipeline = Pipeline(
         identity=Identity(audience=wi.audience, service_account=wi.service_account,
                           default_scopes=wi.scopes, lifetime_s=wi.token_lifetime_seconds),
-        source=build_source(wi.source, SourceContext(clock=clock, http=http, metrics=metrics, audience=wi.audience)),
+        source=build_source(wi.source, SourceContext(clock=clock, http=http, metrics=metrics, audience=wi.audience,
+                                                     service_account=wi.service_account)),
         sts=StsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="sts"),
                       url=config.endpoints.sts, clock=clock, timeout_s=timeout),
         iam=IamCredentialsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="iam"),

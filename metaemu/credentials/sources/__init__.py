@@ -34,6 +34,8 @@ class SourceContext:
     metrics: Metrics
     #: The Workload Identity provider audience (AWS signs it into the request; OIDC defaults to it).
     audience: str
+    #: The service account to impersonate, if any (executables are told it, AIP-4117).
+    service_account: str | None = None
 
 
 def build_source(config: SourceConfig, context: SourceContext) -> SubjectTokenSource:
