@@ -1,5 +1,5 @@
-"""Command line: ``metaemu serve | demo | version``. Flags, logging and process exit codes only; no
-business logic. Exit codes: 0 success or clean SIGTERM, 2 configuration or start-up error.
+"""Command line: ``metaemu serve | demo | credential-provider | version``. Flags, logging and process
+exit codes only; no business logic. Exit codes: 0 success or clean SIGTERM, 2 configuration or start-up error.
 """
 
 from __future__ import annotations
@@ -33,13 +33,21 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--listen", default="127.0.0.1:8080", help="metadata address (default %(default)s)")
     demo.add_argument("--admin-listen", default="127.0.0.1:8081", help="admin address (default %(default)s)")
     demo.add_argument("--profile", choices=("gce", "gke"), default="gke")
+    sub.add_parser("credential-provider", add_help=False,
+                   help="kubelet image credential provider: a CredentialProviderRequest on stdin, the response "
+                   "on stdout (manifests/credential-provider)")
     sub.add_parser("version", help="print the version")
     return p
 
 
 def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ if environ is None else environ)
+    if arguments[:1] == ["credential-provider"]:  # a kubelet exec plugin: its own flags and stdio contract
+        from metaemu.image_credentials import main as credential_provider
+
+        return credential_provider(arguments[1:], stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, environ=env)
+    args = _parser().parse_args(arguments)
     if args.command == "version":
         print(f"metaemu {__version__}")
         return 0

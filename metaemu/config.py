@@ -99,7 +99,9 @@ class WorkloadIdentity:
     source: SourceConfig
 
     def __post_init__(self) -> None:
-        if not self.audience.startswith("//") and not self.audience.startswith("identitynamespace:"):
+        # The google kind uses Google credentials as they are: no STS exchange, so no audience.
+        audience_optional = self.source.kind == "google" and not self.audience
+        if not audience_optional and not self.audience.startswith(("//", "identitynamespace:")):
             raise ConfigError("workload_identity.audience",
                               "expected //iam.googleapis.com/projects/N/locations/global/"
                               "workloadIdentityPools/POOL/providers/PROVIDER or identitynamespace:…")
@@ -268,11 +270,11 @@ def _parse_workload_identity(
             raise ConfigError(p + "credential_config", f"replaces {clash}; configure one or the other")
         return _from_credential_config(base_dir / cc_path, scopes=scopes, lifetime=lifetime, timeout=endpoints)
     audience = _opt_str(raw, "audience", p)
-    if not audience:
-        raise ConfigError(p + "audience", "required (or give workload_identity.credential_config)")
     source_raw = _mapping(raw, "source", required=True, prefix=p)
+    if not audience and source_raw.get("type") != "google":
+        raise ConfigError(p + "audience", "required (or give workload_identity.credential_config)")
     wi = WorkloadIdentity(
-        audience=audience, service_account=_opt_str(raw, "service_account", p), scopes=scopes,
+        audience=audience or "", service_account=_opt_str(raw, "service_account", p), scopes=scopes,
         token_lifetime_seconds=lifetime, source=parse_source(source_raw, prefix=p + "source.", base_dir=base_dir),
     )
     return wi, endpoints

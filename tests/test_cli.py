@@ -153,3 +153,13 @@ async def test_sigterm_finishes_in_flight_requests_exits_0_and_logs_no_tokens(
         for fragment in (secret, secret[:40], secret[-40:]):
             assert fragment not in logs
             assert fragment not in metrics_text
+
+
+async def test_credential_provider_subcommand_speaks_kubelets_contract_on_bad_input() -> None:
+    proc = await asyncio.create_subprocess_exec(*METAEMU, "credential-provider", "--audience=//iam.googleapis.com/x",
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(b"not json"), 30)
+    assert proc.returncode != 0
+    assert out == b""  # kubelet reads stdout: nothing on failure
+    assert err

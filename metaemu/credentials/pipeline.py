@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from metaemu.credentials.impersonation import IamCredentialsClient
-from metaemu.credentials.sources import SubjectTokenSource
+from metaemu.credentials.sources import FederatedTokenProvider, SubjectTokenSource
 from metaemu.credentials.sts import StsClient
 from metaemu.credentials.tokens import AccessToken, FederatedToken, IdentityToken
 from metaemu.errors import NotConfiguredError
@@ -44,6 +44,8 @@ class Pipeline:
 
     async def federated_token(self) -> FederatedToken:
         """Read the subject token (fresh each time: it rotates) and exchange it at STS."""
+        if isinstance(self._source, FederatedTokenProvider):  # already a Google token: no STS
+            return await self._source.federated_token()
         subject = await self._source.fetch()
         scopes = (IAM_SCOPE,) if self.impersonates else self.identity.default_scopes
         return await self._sts.exchange(subject, audience=self.identity.audience, scopes=scopes)

@@ -18,10 +18,11 @@ Anything else is counted as ``"unknown"`` and answered 404.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -131,6 +132,13 @@ class FakeGoogle:
         return self._sts.principal_for(audience, sub)
 
     # -- what was issued ------------------------------------------------------------------------
+
+    def issue_access_token(self, *, principal: str, scopes: Sequence[str], expiry: dt.datetime, prefix: str) -> str:
+        """Record an access token minted elsewhere (e.g. a user's OAuth login) so that IAM accepts it as
+        a caller with ``principal`` (``user:EMAIL``)."""
+        info = TokenInfo(kind="user", principal=principal, email=None, scopes=tuple(scopes),
+                         expiry=expiry.replace(microsecond=0))
+        return self._tokens.issue(prefix=prefix, info=info)
 
     def token_info(self, access_token: str) -> TokenInfo | None:
         """What this fake issued as ``access_token``; None when unknown or expired by the clock."""

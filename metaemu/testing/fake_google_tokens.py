@@ -26,7 +26,7 @@ from metaemu.clock import Clock
 #: RSA modulus size for fake signing keys: what Google and Kubernetes use (RS256 over 2048 bits).
 RSA_KEY_BITS = 2048
 
-TokenKind = Literal["federated", "service_account"]
+TokenKind = Literal["federated", "service_account", "user"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

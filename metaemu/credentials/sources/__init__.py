@@ -8,11 +8,11 @@ kind; ``build_source`` is the only place that knows the kinds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from metaemu.clock import Clock
 from metaemu.credentials.sources.config import FileSourceConfig, KubernetesSourceConfig, SourceConfig, source_module
-from metaemu.credentials.tokens import SubjectToken
+from metaemu.credentials.tokens import FederatedToken, SubjectToken
 from metaemu.metrics import Metrics
 from metaemu.transport import HttpClient
 
@@ -23,6 +23,15 @@ class SubjectTokenSource(Protocol):
 
     async def fetch(self) -> SubjectToken:
         """A fresh subject token; raises ``SourceError`` (never returns a stale or empty one)."""
+
+
+@runtime_checkable
+class FederatedTokenProvider(Protocol):
+    """A source whose credential already is a Google access token (the ``google`` kind): the
+    pipeline uses it where it would use the STS token, instead of exchanging a subject token."""
+
+    async def federated_token(self) -> FederatedToken:
+        """A fresh Google access token; raises ``CredentialError``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
