@@ -150,7 +150,7 @@ def test_credential_config_replaces_audience_source_and_endpoints(tmp_path: Path
 
 def test_credential_config_with_unknown_source_is_refused_clearly(tmp_path: Path) -> None:
     path = external_account(tmp_path, credential_source={"carrier_pigeon": {"coop": "x"}})
-    with pytest.raises(ConfigError, match="expected one of: file, url, executable, environment_id"):
+    with pytest.raises(ConfigError, match="expected one of: file, environment_id, url, executable"):
         load_config(path=None, credential_config=path, env={})
 
 

@@ -64,11 +64,12 @@ SOURCE_MODULES: dict[str, str] = {
     "executable": "metaemu.credentials.sources.external",
     "google": "metaemu.credentials.sources.google",
 }
-#: external_account ``credential_source`` keys handled by a module (AIP-4117).
+#: external_account ``credential_source`` keys handled by a module (AIP-4117), tried in this order:
+#: ``environment_id`` first, because an aws1 source also carries a ``url`` (its IMDS role endpoint).
 CREDENTIAL_SOURCE_MODULES: dict[str, str] = {
+    "environment_id": "metaemu.credentials.sources.aws",
     "url": "metaemu.credentials.sources.external",
     "executable": "metaemu.credentials.sources.external",
-    "environment_id": "metaemu.credentials.sources.aws",
 }
 _BUILTIN = ("kubernetes", "file")
 
@@ -138,7 +139,7 @@ def parse_credential_source(
             config: SourceConfig = source_module(key, prefix + key).parse_credential_source(
                 raw, token_type=token_type, prefix=prefix, base_dir=base_dir)
             return config
-    raise ConfigError(prefix.rstrip("."), "expected one of: file, url, executable, environment_id")
+    raise ConfigError(prefix.rstrip("."), "expected one of: file, environment_id, url, executable")
 
 
 def _token_type(value: Any, key: str) -> str:
