@@ -27,7 +27,7 @@ def test_readme_source_configuration_parses(block: str, tmp_path: Path) -> None:
     if "credential_config" in raw["workload_identity"]:
         (tmp_path / "creds.json").write_text(json.dumps({
             "type": "external_account",
-            "audience": "//iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/p/providers/q",
+            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/q",
             "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
             "token_url": "https://sts.googleapis.com/v1/token",
             "credential_source": {"file": "/var/run/secrets/tokens/gcp/token"}}))

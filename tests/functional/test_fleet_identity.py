@@ -22,9 +22,9 @@ async def test_fleet_audience_gets_tokens_through_the_kubernetes_source(world: W
     world.google.grant(SERVICE_ACCOUNT, world.google.principal_for(FLEET_AUDIENCE, subject))
     world.token_file.write_text(world.issuer.mint_kubernetes(namespace=NAMESPACE, service_account=KSA,
                                                              audience=NAMESPACE_POOL))
-    raw_overrides = {"workload_identity": {"audience": FLEET_AUDIENCE, "service_account": SERVICE_ACCOUNT,
-                                           "source": {"type": "kubernetes", "token_file": str(world.token_file)}}}
-    async with running_server(world, **raw_overrides) as server:
+    workload_identity = {"audience": FLEET_AUDIENCE, "service_account": SERVICE_ACCOUNT,
+                         "source": {"type": "kubernetes", "token_file": str(world.token_file)}}
+    async with running_server(world, workload_identity=workload_identity) as server:
         mds = Mds(server.metadata_url)
         try:
             r = await mds.get(SA_PATH + "token")
