@@ -21,11 +21,11 @@ def load_all(path: Path) -> list[dict[str, Any]]:
 
 
 def test_sidecar_configmap_holds_a_valid_metaemu_config() -> None:
-    (configmap,) = load_all(ROOT / "manifests/sidecar/configmap.yaml")
+    (configmap,) = load_all(ROOT / "manifests/sidecar/base/configmap.yaml")
     config = parse_config(yaml.safe_load(configmap["data"]["metaemu.yaml"]), hostname="pod", base_dir=Path("/"))
     assert str(config.listen) == "169.254.169.254:80"  # on the pod's loopback (SEC-16)
     assert config.admin_listen.host == "127.0.0.1"  # SEC-32
-    (deployment,) = load_all(ROOT / "manifests/sidecar/deployment.yaml")
+    (deployment,) = load_all(ROOT / "manifests/sidecar/base/deployment.yaml")
     spec = deployment["spec"]["template"]["spec"]
     (volume,) = [v for v in spec["volumes"] if v["name"] == "gcp-token"]
     token = volume["projected"]["sources"][0]["serviceAccountToken"]
@@ -72,3 +72,26 @@ def test_compose_file_is_valid_for_docker_compose() -> None:
     assert out.returncode == 0, out.stderr
     rendered = yaml.safe_load(out.stdout)
     assert rendered["services"]["metaemu-demo"]["networks"]["metadata"]["ipv4_address"] == "169.254.169.254"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize(("variant", "kind"), [("", "kubernetes"), ("overlays/eks", "aws"),
+                                               ("overlays/serviceauthcentral", "oidc")])
+def test_every_sidecar_variant_embeds_a_config_metaemu_accepts(variant: str, kind: str) -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(ROOT / "manifests/sidecar" / variant)], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out) if d}
+    config = parse_config(yaml.safe_load(docs["ConfigMap"]["data"]["metaemu.yaml"]), hostname="pod",
+                          base_dir=Path("/"))
+    assert config.workload_identity.source.kind == kind
+    assert str(config.listen) == "169.254.169.254:80"
+    spec = docs["Deployment"]["spec"]["template"]["spec"]
+    mounts = {m["mountPath"] for m in spec["initContainers"][1]["volumeMounts"]}
+    source = config.workload_identity.source
+    token_file = getattr(source, "token_file", None) or getattr(source, "assertion_file", None)
+    if token_file is not None:  # the file the config reads is mounted
+        assert str(Path(str(token_file)).parent) in mounts
+    if kind == "aws":
+        sa = docs["ServiceAccount"]["metadata"]["annotations"]
+        assert sa["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+        assert all(v["name"] != "gcp-token" for v in spec["volumes"])
