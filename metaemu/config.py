@@ -2,7 +2,7 @@
 
 Owns parsing and validation of the YAML file (``--config`` / ``METAEMU_CONFIG``), the standard
 Google ``external_account`` credential configuration (``--credential-config``), and the environment
-overrides ``METAEMU_LISTEN``, ``METAEMU_ADMIN_LISTEN`` and ``METAEMU_LOG_LEVEL``. Every problem raises
+overrides of ``ENV_OVERRIDES``. Every problem raises
 ``ConfigError`` naming the dotted key. Nothing here reads ``os.environ`` itself: the caller passes
 the environment in.
 """
@@ -39,6 +39,16 @@ _SA_EMAIL = re.compile(r"^[^@\s]+@([a-z][a-z0-9-]{4,28}[a-z0-9])\.iam\.gservicea
 _ANY_SA_EMAIL = re.compile(r"^[^@/\s]+@[^@/\s]+\.[a-z]{2,}$")
 _AUDIENCE_PROJECT = re.compile(r"^//iam\.googleapis\.com/projects/(\d+)/")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Environment variables that override a key of the file (METAEMU_SERVICE_ACCOUNT sets
+#: workload_identity.service_account), e.g. for docker compose where the file is shared.
+ENV_OVERRIDES = {
+    "METAEMU_LISTEN": "listen",
+    "METAEMU_ADMIN_LISTEN": "admin_listen",
+    "METAEMU_LOG_LEVEL": "log_level",
+    "METAEMU_PROJECT_ID": "project_id",
+    "METAEMU_NUMERIC_PROJECT_ID": "numeric_project_id",
+    "METAEMU_SERVICE_ACCOUNT": "service_account",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,10 +176,15 @@ def load_config(
         if not isinstance(wi, dict):
             raise ConfigError("workload_identity", "must be a mapping")
         wi["credential_config"] = str(credential_config)
-    for var, key in (("METAEMU_LISTEN", "listen"), ("METAEMU_ADMIN_LISTEN", "admin_listen"),
-                     ("METAEMU_LOG_LEVEL", "log_level")):
+    for var, key in ENV_OVERRIDES.items():
         if env.get(var):
-            raw[key] = env[var]
+            if key == "service_account":
+                wi = raw.setdefault("workload_identity", {})
+                if not isinstance(wi, dict):
+                    raise ConfigError("workload_identity", "must be a mapping")
+                wi[key] = env[var]
+            else:
+                raw[key] = env[var]
     return parse_config(raw, hostname=hostname, base_dir=path.parent if path else Path.cwd())
 
 

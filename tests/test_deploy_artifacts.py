@@ -49,13 +49,24 @@ def test_sidecar_kustomization_renders() -> None:
     assert kinds == ["ConfigMap", "Deployment", "ServiceAccount"]
 
 
-def test_compose_demo_serves_the_real_metadata_address() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    demo = compose["services"]["metaemu-demo"]
-    assert demo["networks"]["metadata"]["ipv4_address"] == "169.254.169.254"
-    assert "169.254.169.254:80" in demo["command"]
-    assert compose["networks"]["metadata"]["ipam"]["config"][0]["subnet"] == "169.254.169.0/24"
-    assert "metadata.google.internal:169.254.169.254" in compose["services"]["app"]["extra_hosts"]
+COMPOSE_ENV = {"GOOGLE_IMPERSONATE_SERVICE_ACCOUNT": "app@my-project.iam.gserviceaccount.com",
+               "GOOGLE_CLOUD_PROJECT_NUMBER": "123456789012", "HOME": "/home/dev"}
+
+
+def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", "demo", "config"],
+                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", **env})
+
+
+def test_compose_metaemu_config_with_its_environment_is_valid() -> None:
+    from metaemu.config import load_config
+
+    config = load_config(path=ROOT / "compose/metaemu.yaml", env={
+        "METAEMU_SERVICE_ACCOUNT": COMPOSE_ENV["GOOGLE_IMPERSONATE_SERVICE_ACCOUNT"],
+        "METAEMU_NUMERIC_PROJECT_ID": COMPOSE_ENV["GOOGLE_CLOUD_PROJECT_NUMBER"]})
+    assert config.workload_identity.source.kind == "google"
+    assert (config.project_id, config.email) == ("my-project", COMPOSE_ENV["GOOGLE_IMPERSONATE_SERVICE_ACCOUNT"])
+    assert str(config.listen) == "169.254.169.254:80"
 
 
 def test_dockerfile_runs_as_non_root_with_metaemu_entrypoint() -> None:
@@ -66,12 +77,30 @@ def test_dockerfile_runs_as_non_root_with_metaemu_entrypoint() -> None:
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian package) not installed")
-def test_compose_file_is_valid_for_docker_compose() -> None:
-    out = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", "demo", "config"],
-                         capture_output=True, text=True, timeout=60)
+def test_compose_wiring_for_development_and_demo() -> None:
+    out = compose_config(COMPOSE_ENV)
     assert out.returncode == 0, out.stderr
-    rendered = yaml.safe_load(out.stdout)
-    assert rendered["services"]["metaemu-demo"]["networks"]["metadata"]["ipv4_address"] == "169.254.169.254"
+    services = yaml.safe_load(out.stdout)["services"]
+    for name in ("metaemu", "metaemu-demo"):  # the real metadata address, unprivileged, read-only
+        server = services[name]
+        assert server["networks"]["metadata"]["ipv4_address"] == "169.254.169.254"
+        assert server["sysctls"]["net.ipv4.ip_unprivileged_port_start"] == "80"
+        assert server["read_only"] is True
+    metaemu = services["metaemu"]
+    assert "/home/dev/.config/gcloud:/gcloud:ro" in metaemu["volumes"]  # the developer's ADC, read-only
+    assert metaemu["environment"]["METAEMU_SERVICE_ACCOUNT"] == COMPOSE_ENV["GOOGLE_IMPERSONATE_SERVICE_ACCOUNT"]
+    assert "169.254.169.254:80" in services["metaemu-demo"]["command"]
+    for app, server_name in (("app", "metaemu"), ("demo-app", "metaemu-demo")):
+        assert "metadata.google.internal:169.254.169.254" in services[app]["extra_hosts"]
+        assert services[app]["depends_on"][server_name]["condition"] == "service_healthy"
+        assert "environment" not in services[app]  # no GCE_METADATA_* needed: no code or config change
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian package) not installed")
+def test_compose_refuses_to_start_without_the_service_account() -> None:
+    out = compose_config({"HOME": "/home/dev", "GOOGLE_CLOUD_PROJECT_NUMBER": "1"})
+    assert out.returncode != 0
+    assert "GOOGLE_IMPERSONATE_SERVICE_ACCOUNT" in out.stderr
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
