@@ -48,6 +48,8 @@ ENV_OVERRIDES = {
     "METAEMU_PROJECT_ID": "project_id",
     "METAEMU_NUMERIC_PROJECT_ID": "numeric_project_id",
     "METAEMU_SERVICE_ACCOUNT": "service_account",
+    "METAEMU_NODE_NAME": "node.name",
+    "METAEMU_NODE_IPS": "node.host_addresses",
 }
 
 
@@ -125,6 +127,47 @@ class WorkloadIdentity:
                               f"must be between {MIN_TOKEN_LIFETIME_S} and {MAX_TOKEN_LIFETIME_S}")
 
 
+#: TokenRequest bounds: the API server refuses < 10 min (upstream.md §6).
+MIN_NODE_TOKEN_S = 600
+MAX_NODE_TOKEN_S = 48 * 3600
+DEFAULT_SA_ANNOTATION = "iam.gke.io/gcp-service-account"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """``mode: node``: one agent per node serving every pod with its own identity (issue #4)."""
+
+    name: str
+    audience: str
+    service_account_annotation: str = DEFAULT_SA_ANNOTATION
+    token_expiration_seconds: int = 3600
+    host_network: Literal["deny"] = "deny"
+    kubeconfig: Path | None = None
+    #: The node's own addresses (callers from them are host processes or hostNetwork pods: 403).
+    host_addresses: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = (CLOUD_PLATFORM_SCOPE,)
+    token_lifetime_seconds: int = 3600
+    #: Per-pod token bucket (SEC-34): sustained requests per second and burst.
+    rate_limit_per_second: float = 20.0
+    rate_limit_burst: int = 40
+    #: Requests handled at once before new ones get 503 (SEC-35; GKE documents 500 per node).
+    max_concurrent_requests: int = 500
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("node.name", "required (the downward API's spec.nodeName, e.g. via METAEMU_NODE_NAME)")
+        if not self.audience.startswith(("//", "identitynamespace:")):
+            raise ConfigError("node.audience", "expected the Workload Identity provider's full name (//iam.googleapis."
+                              "com/projects/N/locations/global/workloadIdentityPools/POOL/providers/PROVIDER)")
+        if not MIN_NODE_TOKEN_S <= self.token_expiration_seconds <= MAX_NODE_TOKEN_S:
+            raise ConfigError("node.token_expiration_seconds",
+                              f"must be between {MIN_NODE_TOKEN_S} and {MAX_NODE_TOKEN_S} (TokenRequest limits)")
+        if self.rate_limit_per_second <= 0 or self.rate_limit_burst < 1:
+            raise ConfigError("node.rate_limit_per_second", "rate and burst must be positive")
+        if self.max_concurrent_requests < 1:
+            raise ConfigError("node.max_concurrent_requests", "must be at least 1")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     listen: HostPort
@@ -135,7 +178,10 @@ class Config:
     numeric_project_id: str
     project_attributes: Mapping[str, str] = field(default_factory=dict)
     instance: InstanceConfig
-    workload_identity: WorkloadIdentity
+    #: Sidecar mode: the one identity served. None in node mode (each pod has its own).
+    workload_identity: WorkloadIdentity | None
+    mode: Literal["sidecar", "node"] = "sidecar"
+    node: NodeConfig | None = None
     endpoints: Endpoints = field(default_factory=Endpoints)
     allowed_hosts: tuple[str, ...] = ()
 
@@ -153,8 +199,16 @@ class Config:
 
     @property
     def email(self) -> str:
-        """The account served as ``default`` (GKE-05)."""
-        return self.workload_identity.service_account or f"{self.project_id}.svc.id.goog"
+        """The account served as ``default`` in sidecar mode (GKE-05); the workload pool in node mode,
+        where each pod's own account is resolved per request."""
+        wi = self.workload_identity
+        return (wi.service_account if wi else None) or f"{self.project_id}.svc.id.goog"
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        if self.workload_identity is not None:
+            return self.workload_identity.scopes
+        return self.node.scopes if self.node else (CLOUD_PLATFORM_SCOPE,)
 
 
 # ---------------------------------------------------------------- loading
@@ -177,14 +231,15 @@ def load_config(
             raise ConfigError("workload_identity", "must be a mapping")
         wi["credential_config"] = str(credential_config)
     for var, key in ENV_OVERRIDES.items():
-        if env.get(var):
-            if key == "service_account":
-                wi = raw.setdefault("workload_identity", {})
-                if not isinstance(wi, dict):
-                    raise ConfigError("workload_identity", "must be a mapping")
-                wi[key] = env[var]
-            else:
-                raw[key] = env[var]
+        if not env.get(var):
+            continue
+        section, _, leaf = key.rpartition(".")
+        if key == "service_account":
+            section, leaf = "workload_identity", key
+        target = raw.setdefault(section, {}) if section else raw
+        if not isinstance(target, dict):
+            raise ConfigError(section, "must be a mapping")
+        target[leaf] = [a.strip() for a in env[var].split(",") if a.strip()] if leaf == "host_addresses" else env[var]
     return parse_config(raw, hostname=hostname, base_dir=path.parent if path else Path.cwd())
 
 
@@ -206,7 +261,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 #: Every key the file accepts, by section (the README's configuration reference is tested against these).
 TOP_KEYS = frozenset({"listen", "admin_listen", "profile", "log_level", "project_id", "numeric_project_id",
-                      "project_attributes", "instance", "workload_identity", "endpoints", "allowed_hosts"})
+                      "project_attributes", "instance", "workload_identity", "endpoints", "allowed_hosts", "mode",
+                      "node"})
+NODE_KEYS = frozenset({"name", "audience", "service_account_annotation", "token_expiration_seconds",
+                       "host_network", "kubeconfig", "host_addresses", "scopes", "token_lifetime_seconds",
+                       "rate_limit_per_second", "rate_limit_burst", "max_concurrent_requests"})
 INSTANCE_KEYS = frozenset({"id", "zone", "hostname", "name", "attributes", "tags"})
 WORKLOAD_IDENTITY_KEYS = frozenset({"audience", "service_account", "scopes", "token_lifetime_seconds", "source",
                                     "credential_config"})
@@ -221,14 +280,30 @@ def parse_config(raw: Mapping[str, Any], *, hostname: str, base_dir: Path) -> Co
     log_level = _str(raw, "log_level", "info").lower()
     if log_level not in _LOG_LEVELS:
         raise ConfigError("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
-    wi_raw = _mapping(raw, "workload_identity", required=True)
+    mode = _str(raw, "mode", "sidecar")
+    if mode not in ("sidecar", "node"):
+        raise ConfigError("mode", f"must be 'sidecar' or 'node', got {mode!r}")
     endpoints_raw = _mapping(raw, "endpoints")
-    wi, endpoints = _parse_workload_identity(wi_raw, endpoints_raw, base_dir=base_dir)
-    project_id = _opt_str(raw, "project_id") or _project_from_email(wi.service_account)
+    wi: WorkloadIdentity | None = None
+    node: NodeConfig | None = None
+    if mode == "node":
+        if raw.get("workload_identity") is not None:
+            raise ConfigError("workload_identity", "not used in node mode: each pod's own service account is its "
+                              "identity (configure node.audience)")
+        node = _parse_node(_mapping(raw, "node", required=True), base_dir=base_dir)
+        endpoints = _parse_endpoints(endpoints_raw)
+        audience, service_account = node.audience, None
+    else:
+        if raw.get("node") is not None:
+            raise ConfigError("node", "only with mode: node")
+        wi, endpoints = _parse_workload_identity(_mapping(raw, "workload_identity", required=True), endpoints_raw,
+                                                 base_dir=base_dir)
+        audience, service_account = wi.audience, wi.service_account
+    project_id = _opt_str(raw, "project_id") or _project_from_email(service_account)
     if not project_id:
         raise ConfigError("project_id", "required (it cannot be derived: no service_account in "
                           "the *.iam.gserviceaccount.com form is configured)")
-    numeric = _opt_str(raw, "numeric_project_id") or _project_number(wi.audience)
+    numeric = _opt_str(raw, "numeric_project_id") or _project_number(audience)
     if not numeric:
         raise ConfigError("numeric_project_id", "required (it cannot be derived from the audience)")
     return Config(
@@ -241,6 +316,8 @@ def parse_config(raw: Mapping[str, Any], *, hostname: str, base_dir: Path) -> Co
         project_attributes=_str_map(raw, "project_attributes"),
         instance=_parse_instance(_mapping(raw, "instance"), hostname=hostname, project_id=project_id),
         workload_identity=wi,
+        mode=mode,  # type: ignore[arg-type]  # checked above
+        node=node,
         endpoints=endpoints,
         allowed_hosts=_str_list(raw, "allowed_hosts", "allowed_hosts"),
     )
@@ -270,14 +347,9 @@ def _parse_workload_identity(
 ) -> tuple[WorkloadIdentity, Endpoints]:
     p = "workload_identity."
     _reject_unknown(p, raw, WORKLOAD_IDENTITY_KEYS)
-    _reject_unknown("endpoints.", endpoints_raw, ENDPOINTS_KEYS)
     scopes = _str_list(raw, "scopes", p + "scopes") or (CLOUD_PLATFORM_SCOPE,)
     lifetime = _int(raw, "token_lifetime_seconds", 3600, p)
-    endpoints = Endpoints(
-        sts=_url(endpoints_raw, "sts", DEFAULT_STS_URL),
-        iam_credentials=_url(endpoints_raw, "iam_credentials", DEFAULT_IAM_CREDENTIALS_URL).rstrip("/"),
-        timeout_seconds=_positive_float(endpoints_raw, "timeout_seconds", 10.0, "endpoints."),
-    )
+    endpoints = _parse_endpoints(endpoints_raw)
     cc_path = _opt_str(raw, "credential_config", p)
     if cc_path is not None:
         clash = sorted({"audience", "service_account", "source"} & set(raw)) + (["endpoints"] if endpoints_raw else [])
@@ -293,6 +365,41 @@ def _parse_workload_identity(
         token_lifetime_seconds=lifetime, source=parse_source(source_raw, prefix=p + "source.", base_dir=base_dir),
     )
     return wi, endpoints
+
+
+def _parse_endpoints(raw: Mapping[str, Any]) -> Endpoints:
+    _reject_unknown("endpoints.", raw, ENDPOINTS_KEYS)
+    return Endpoints(
+        sts=_url(raw, "sts", DEFAULT_STS_URL),
+        iam_credentials=_url(raw, "iam_credentials", DEFAULT_IAM_CREDENTIALS_URL).rstrip("/"),
+        timeout_seconds=_positive_float(raw, "timeout_seconds", 10.0, "endpoints."),
+    )
+
+
+def _parse_node(raw: Mapping[str, Any], *, base_dir: Path) -> NodeConfig:
+    p = "node."
+    _reject_unknown(p, raw, NODE_KEYS)
+    host_network = _str(raw, "host_network", "deny", p)
+    if host_network != "deny":
+        raise ConfigError(p + "host_network", "only 'deny' is supported: hostNetwork callers share the node's "
+                          "address and cannot be told apart (SEC-14)")
+    kubeconfig = _opt_str(raw, "kubeconfig", p)
+    rate = raw.get("rate_limit_per_second", 20.0)
+    if isinstance(rate, bool) or not isinstance(rate, int | float):
+        raise ConfigError(p + "rate_limit_per_second", f"must be a number, got {rate!r}")
+    return NodeConfig(
+        name=_opt_str(raw, "name", p) or "",
+        audience=_opt_str(raw, "audience", p) or "",
+        service_account_annotation=_str(raw, "service_account_annotation", DEFAULT_SA_ANNOTATION, p),
+        token_expiration_seconds=_int(raw, "token_expiration_seconds", 3600, p),
+        kubeconfig=base_dir / kubeconfig if kubeconfig else None,
+        host_addresses=_str_list(raw, "host_addresses", p + "host_addresses"),
+        scopes=_str_list(raw, "scopes", p + "scopes") or (CLOUD_PLATFORM_SCOPE,),
+        token_lifetime_seconds=_int(raw, "token_lifetime_seconds", 3600, p),
+        rate_limit_per_second=float(rate),
+        rate_limit_burst=_int(raw, "rate_limit_burst", 40, p),
+        max_concurrent_requests=_int(raw, "max_concurrent_requests", 500, p),
+    )
 
 
 _IMPERSONATION_URL = re.compile(r"^(https?://[^/]+(?:/[^/]+)*?)/projects/-/serviceAccounts/([^/:]+):generateAccessToken$")

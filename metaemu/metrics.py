@@ -101,6 +101,7 @@ class Metrics:
     blocked: Counter
     token_cache: LockFreeCounter
     long_polls: Gauge
+    rate_limited: Counter
     build_info: Info
 
 
@@ -125,6 +126,8 @@ def create_metrics() -> Metrics:
         blocked=Counter("metaemu_blocked_requests", "Requests refused by a request rule.", ["reason"], registry=r),
         token_cache=LockFreeCounter("metaemu_token_cache", "Token cache lookups and evictions.", ["kind", "result"]),
         long_polls=Gauge("metaemu_long_polls_in_flight", "wait_for_change requests being held.", registry=r),
+        rate_limited=Counter("metaemu_rate_limited", "Requests refused with 429 by the per-pod rate limit (node mode).",
+                             registry=r),
         build_info=Info("metaemu_build", "metaemu version.", registry=r),
     )
     r.register(m.requests)

@@ -137,6 +137,7 @@ def external_account(tmp_path: Path, **extra: Any) -> Path:
 def test_credential_config_replaces_audience_source_and_endpoints(tmp_path: Path) -> None:
     c = load_config(path=None, credential_config=external_account(tmp_path), env={})
     wi = c.workload_identity
+    assert wi is not None
     assert wi.audience == AUD
     assert wi.service_account == SA
     assert wi.token_lifetime_seconds == 1800
@@ -172,9 +173,48 @@ def test_readme_configuration_reference_matches_the_parser() -> None:
     from metaemu.config import ENDPOINTS_KEYS, INSTANCE_KEYS, TOP_KEYS, WORKLOAD_IDENTITY_KEYS
 
     reference = yaml.safe_load(_reference_block())
-    assert set(reference) == TOP_KEYS
+    assert set(reference) == TOP_KEYS - {"node"}  # node: the Node mode block below
     assert set(reference["instance"]) == INSTANCE_KEYS
     assert set(reference["workload_identity"]) | {"credential_config"} == WORKLOAD_IDENTITY_KEYS
     assert set(reference["endpoints"]) == ENDPOINTS_KEYS
     config = parse(reference)  # and the documented example is a valid configuration
     assert config.profile == "gke"
+
+
+def test_readme_node_mode_block_matches_the_parser() -> None:
+    from metaemu.config import NODE_KEYS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("<!-- node-config -->"):]
+    block = block[block.index("```yaml") + 7:block.index("```\n", block.index("```yaml") + 7)]
+    reference = yaml.safe_load(block)
+    assert set(reference["node"]) == NODE_KEYS
+    config = parse(reference)
+    assert config.mode == "node"
+    assert config.node is not None
+    assert config.node.name == "node-1"
+    assert config.workload_identity is None
+
+
+def node_raw() -> dict[str, Any]:
+    return {"mode": "node", "project_id": "p", "numeric_project_id": "1", "node": {"name": "n", "audience": AUD}}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key"),
+    [
+        (lambda r: r["node"].pop("name"), "node.name"),
+        (lambda r: r["node"].update(token_expiration_seconds=60), "node.token_expiration_seconds"),
+        (lambda r: r["node"].update(host_network="allow"), "node.host_network"),
+        (lambda r: r["node"].update(surprise=1), "node.surprise"),
+        (lambda r: r.update(workload_identity={"audience": AUD}), "workload_identity"),
+        (lambda r: r.update(mode="cluster"), "mode"),
+    ],
+)
+def test_node_mode_config_errors_name_the_key(mutate: Any, key: str) -> None:
+    assert parse(node_raw()).node is not None
+    raw = node_raw()
+    mutate(raw)
+    with pytest.raises(ConfigError) as err:
+        parse(raw)
+    assert err.value.key == key

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from metaemu.config import parse_config
+from metaemu.config import Config, WorkloadIdentity, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_sidecar_configmap_holds_a_valid_metaemu_config() -> None:
     spec = deployment["spec"]["template"]["spec"]
     (volume,) = [v for v in spec["volumes"] if v["name"] == "gcp-token"]
     token = volume["projected"]["sources"][0]["serviceAccountToken"]
-    assert token["audience"] == config.workload_identity.audience  # the projected token is for the provider
+    assert token["audience"] == _wi(config).audience  # the projected token is for the provider
     init, sidecar = spec["initContainers"]
     assert "ip addr add 169.254.169.254/32 dev lo" in init["command"][-1]  # what test_sidecar_netns does
     assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
@@ -64,7 +64,7 @@ def test_compose_metaemu_config_with_its_environment_is_valid() -> None:
     config = load_config(path=ROOT / "compose/metaemu.yaml", env={
         "METAEMU_SERVICE_ACCOUNT": COMPOSE_ENV["GOOGLE_IMPERSONATE_SERVICE_ACCOUNT"],
         "METAEMU_NUMERIC_PROJECT_ID": COMPOSE_ENV["GOOGLE_CLOUD_PROJECT_NUMBER"]})
-    assert config.workload_identity.source.kind == "google"
+    assert _wi(config).source.kind == "google"
     assert (config.project_id, config.email) == ("my-project", COMPOSE_ENV["GOOGLE_IMPERSONATE_SERVICE_ACCOUNT"])
     assert str(config.listen) == "169.254.169.254:80"
 
@@ -112,11 +112,11 @@ def test_every_sidecar_variant_embeds_a_config_metaemu_accepts(variant: str, kin
     docs = {d["kind"]: d for d in yaml.safe_load_all(out) if d}
     config = parse_config(yaml.safe_load(docs["ConfigMap"]["data"]["metaemu.yaml"]), hostname="pod",
                           base_dir=Path("/"))
-    assert config.workload_identity.source.kind == kind
+    assert _wi(config).source.kind == kind
     assert str(config.listen) == "169.254.169.254:80"
     spec = docs["Deployment"]["spec"]["template"]["spec"]
     mounts = {m["mountPath"] for m in spec["initContainers"][1]["volumeMounts"]}
-    source = config.workload_identity.source
+    source = _wi(config).source
     token_file = getattr(source, "token_file", None) or getattr(source, "assertion_file", None)
     if token_file is not None:  # the file the config reads is mounted
         assert str(Path(str(token_file)).parent) in mounts
@@ -124,3 +124,9 @@ def test_every_sidecar_variant_embeds_a_config_metaemu_accepts(variant: str, kin
         sa = docs["ServiceAccount"]["metadata"]["annotations"]
         assert sa["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
         assert all(v["name"] != "gcp-token" for v in spec["volumes"])
+
+
+def _wi(config: Config) -> WorkloadIdentity:
+    """The sidecar-mode identity of ``config`` (None only in node mode)."""
+    assert config.workload_identity is not None
+    return config.workload_identity

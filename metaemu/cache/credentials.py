@@ -48,9 +48,15 @@ class CachedCredentials:
             kind="access_token", fetch=self._fetch_access, maxsize=ACCESS_CACHE_SIZE, **common)  # type: ignore[arg-type]
         self.identity: TokenCache[IdTokenKey, IdentityToken] = TokenCache(
             kind="id_token", fetch=self._fetch_identity, maxsize=ID_CACHE_SIZE, **common)  # type: ignore[arg-type]
+        self._refresher = refresher
         for cache in (self.access, self.identity):  # the federated cache is fetched on demand only
             refresher.add(cache)
         self.access.pin(self.default_scopes)
+
+    def retire(self) -> None:
+        """Stop keeping this identity's tokens warm (node mode: its last pod left the node)."""
+        for cache in (self.access, self.identity):
+            self._refresher.remove(cache)
 
     @property
     def service_account(self) -> str | None:

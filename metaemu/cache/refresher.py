@@ -41,6 +41,11 @@ class Refresher:
         self._caches.append(cache)
         self.wake()
 
+    def remove(self, cache: RefreshableCache) -> None:
+        """Stop refreshing ``cache`` (its identity is gone); unknown caches are ignored."""
+        if cache in self._caches:
+            self._caches.remove(cache)
+
     def wake(self, at: float | None = None) -> None:
         """A cache's schedule changed; ``at`` is the monotonic time its changed key next needs
         attention. Cut the sleep short only if that is earlier than the planned wake-up, so a

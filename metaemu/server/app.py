@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -26,7 +27,11 @@ from metaemu.credentials.sources import SourceContext, build_source
 from metaemu.credentials.sts import StsClient
 from metaemu.credentials.upstream import UpstreamCaller
 from metaemu.metrics import Metrics
+from metaemu.pods.agent import NodeAgent
+from metaemu.pods.kube_client import KubeConnection
+from metaemu.server.context import RequestContext, SidecarContext
 from metaemu.server.handlers import MetadataHandler
+from metaemu.server.limits import RateLimiter
 from metaemu.server.metadata_tree import build_tree, index_tree
 from metaemu.server.responses import Responder
 from metaemu.server.rules import DEFAULT_ALLOWED_HOSTS, HostAllowList
@@ -42,36 +47,57 @@ MAX_REQUEST_BODY = 4096
 class Components:
     config: Config
     metrics: Metrics
-    credentials: CachedCredentials
+    contexts: SidecarContext | NodeAgent
     refresher: Refresher
     handler: MetadataHandler
+
+    @property
+    def credentials(self) -> CachedCredentials:
+        """Sidecar mode's one set of credentials."""
+        static = self.contexts.static
+        if static is None:
+            raise AttributeError("node mode has per-pod credentials")
+        return static.credentials
 
 
 COMPONENTS = web.AppKey("components", Components)
 
 
-def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: HttpClient) -> Components:
-    wi = config.workload_identity
+def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: HttpClient,
+                     environ: Mapping[str, str] | None = None) -> Components:
     timeout = config.endpoints.timeout_seconds
-    pipeline = Pipeline(
-        identity=Identity(audience=wi.audience, service_account=wi.service_account,
-                          default_scopes=wi.scopes, lifetime_s=wi.token_lifetime_seconds),
-        source=build_source(wi.source, SourceContext(clock=clock, http=http, metrics=metrics, audience=wi.audience,
-                                                     service_account=wi.service_account)),
-        sts=StsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="sts"),
-                      url=config.endpoints.sts, clock=clock, timeout_s=timeout),
-        iam=IamCredentialsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="iam"),
-                                 base_url=config.endpoints.iam_credentials, clock=clock, timeout_s=timeout),
-    )
+    sts = StsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="sts"), url=config.endpoints.sts,
+                    clock=clock, timeout_s=timeout)
+    iam = IamCredentialsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="iam"),
+                               base_url=config.endpoints.iam_credentials, clock=clock, timeout_s=timeout)
     refresher = Refresher(clock=clock)
-    credentials = CachedCredentials(pipeline=pipeline, clock=clock, metrics=metrics, refresher=refresher)
+    contexts: SidecarContext | NodeAgent
+    limiter, max_concurrent = None, None
+    if config.node is not None:
+        node = config.node
+        connection = (KubeConnection.from_kubeconfig(node.kubeconfig) if node.kubeconfig
+                      else KubeConnection.in_cluster(os.environ if environ is None else environ))
+        contexts = NodeAgent(config=config, clock=clock, metrics=metrics, refresher=refresher, sts=sts, iam=iam,
+                             connection=connection)
+        limiter = RateLimiter(rate_per_s=node.rate_limit_per_second, burst=node.rate_limit_burst, clock=clock)
+        max_concurrent = node.max_concurrent_requests
+    else:
+        wi = config.workload_identity
+        assert wi is not None
+        pipeline = Pipeline(
+            identity=Identity(audience=wi.audience, service_account=wi.service_account,
+                              default_scopes=wi.scopes, lifetime_s=wi.token_lifetime_seconds),
+            source=build_source(wi.source, SourceContext(clock=clock, http=http, metrics=metrics,
+                                                         audience=wi.audience, service_account=wi.service_account)),
+            sts=sts, iam=iam)
+        credentials = CachedCredentials(pipeline=pipeline, clock=clock, metrics=metrics, refresher=refresher)
+        contexts = SidecarContext(RequestContext(index=index_tree(build_tree(config)), credentials=credentials))
     listen = str(config.listen)
     hosts = HostAllowList([*DEFAULT_ALLOWED_HOSTS, *config.allowed_hosts, config.listen.host,
                            listen, listen.replace("0.0.0.0", "127.0.0.1")])
-    handler = MetadataHandler(index=index_tree(build_tree(config)), responder=Responder(config.profile),
-                              credentials=credentials, metrics=metrics, clock=clock, hosts=hosts)
-    return Components(config=config, metrics=metrics, credentials=credentials, refresher=refresher,
-                      handler=handler)
+    handler = MetadataHandler(contexts=contexts, responder=Responder(config.profile), metrics=metrics, clock=clock,
+                              hosts=hosts, limiter=limiter, max_concurrent=max_concurrent)
+    return Components(config=config, metrics=metrics, contexts=contexts, refresher=refresher, handler=handler)
 
 
 def create_metadata_app(components: Components) -> web.Application:
@@ -85,6 +111,8 @@ def create_metadata_app(components: Components) -> web.Application:
         app.router.add_route("*", path, handler)
     app.router.add_route("*", "/{tail:.*}", handler)
     app.cleanup_ctx.append(_token_refresher_ctx)
+    if isinstance(components.contexts, NodeAgent):
+        app.cleanup_ctx.append(components.contexts.agent_ctx)
     return app
 
 

@@ -23,6 +23,9 @@ from metaemu.clock import Clock
 from metaemu.credentials.tokens import AccessToken
 from metaemu.errors import CredentialError, NotConfiguredError
 from metaemu.metrics import Metrics
+from metaemu.pods.identity import Refusal
+from metaemu.server.context import ContextProvider, RequestContext
+from metaemu.server.limits import RateLimiter
 from metaemu.server.metadata_tree import Body, Entry
 from metaemu.server.responses import JSON, RETRY_AFTER_S, TEXT, Responder, credential_error_text
 from metaemu.server.rules import HostAllowList, is_true, normalise_path, parse_query
@@ -50,11 +53,16 @@ class Reply:
 
 
 class MetadataHandler:
-    def __init__(self, *, index: dict[str, Entry], responder: Responder, credentials: CachedCredentials,
-                 metrics: Metrics, clock: Clock, hosts: HostAllowList) -> None:
-        self._index = index
+    def __init__(self, *, contexts: ContextProvider, responder: Responder, metrics: Metrics, clock: Clock,
+                 hosts: HostAllowList, limiter: RateLimiter | None = None, max_concurrent: int | None = None) -> None:
+        self.contexts = contexts
+        self._index = contexts.default_index
+        self._static_context = contexts.static  # sidecar mode: one context, and the fast path
+        self._static_creds = contexts.static.credentials if contexts.static else None
         self._r = responder
-        self._creds = credentials
+        self._limiter = limiter
+        self._max_concurrent = max_concurrent
+        self._in_flight = 0
         self._metrics = metrics
         self._clock = clock
         self._hosts = hosts
@@ -71,16 +79,25 @@ class MetadataHandler:
 
     async def __call__(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        fast = self._fast_path(request)
+        fast = self._fast_path(request) if self._static_creds is not None else None
         if fast is not None:
             route, response = fast
+        elif self._max_concurrent is not None and self._in_flight >= self._max_concurrent:
+            route = "(over capacity)"  # SEC-35: refuse predictably rather than queue without bound
+            response = self._r.text(503, "The metadata server is busy; retry shortly.\n", extra={"Retry-After": "1"})
         else:
-            reply = await self._dispatch(request)
+            self._in_flight += 1
+            try:
+                reply = await self._dispatch(request)
+            finally:
+                self._in_flight -= 1
             route, response = reply.route, reply.response
         self._metrics.requests.record(route, response.status, time.perf_counter() - started)
         return response
 
     def _fast_path(self, request: web.Request) -> tuple[str, web.Response] | None:
+        creds = self._static_creds
+        assert creds is not None
         """Serve the common case without awaiting: a GET with the flavor header, an allowed Host,
         no X-Forwarded-For, an exact canonical path, and (for ``token``) a cached token.
 
@@ -105,8 +122,8 @@ class MetadataHandler:
             now_ts = self._clock.time()
             key = self._scope_keys.get(raw_query)
             if key is None:
-                key = self._scope_key(raw_query)
-            token = self._creds.access.get_nowait(key, now_ts)
+                key = self._scope_key(creds, raw_query)
+            token = creds.access.get_nowait(key, now_ts)
             if token is None:
                 return None
             return entry.route, self._r.ok(self._token_body(token, now_ts), JSON, None)
@@ -121,9 +138,9 @@ class MetadataHandler:
             self._hosts_seen.add(host)
         return True
 
-    def _scope_key(self, raw_query: str) -> ScopeKey:
+    def _scope_key(self, creds: CachedCredentials, raw_query: str) -> ScopeKey:
         params = parse_query(raw_query) if raw_query else {}
-        key = self._creds.access_key(_requested_scopes(params))
+        key = creds.access_key(_requested_scopes(params))
         if len(self._scope_keys) < _MEMO_LIMIT:
             self._scope_keys[raw_query] = key
         return key
@@ -158,13 +175,25 @@ class MetadataHandler:
         canonical = normalise_path(raw_path)
         if canonical is None:
             return Reply(route="(unmatched)", response=self._r.not_found(raw_path))
-        entry = self._index.get(canonical.key)
-        first_segment = canonical.path.split("/", 2)[1]
-        if first_segment == "computeMetadata" and not self._has_flavor(headers):
-            return self._blocked("metadata_flavor", self._r.missing_flavor(raw_path),
-                                 route=entry.route if entry else "(unmatched)")
+        index = self._index
+        context: RequestContext | None = None
+        if canonical.path.split("/", 2)[1] == "computeMetadata":
+            if not self._has_flavor(headers):
+                entry = index.get(canonical.key)
+                return self._blocked("metadata_flavor", self._r.missing_flavor(raw_path),
+                                     route=entry.route if entry else "(unmatched)")
+            resolved = self._static_context or await self.contexts.context_for(request)
+            if isinstance(resolved, Refusal):  # node mode: the caller is no pod of ours (SEC-08..SEC-14)
+                extra = {"Retry-After": str(resolved.retry_after_s)} if resolved.retry_after_s else None
+                return Reply(route="(unidentified)", response=self._r.text(resolved.status, resolved.message + "\n",
+                                                                           extra=extra))
+            context, index = resolved, resolved.index
+            limited = self._rate_limit(context)
+            if limited is not None:
+                return limited
+        entry = index.get(canonical.key)
         if entry is None:
-            directory = None if canonical.trailing_slash else self._index.get(canonical.path + "/")
+            directory = None if canonical.trailing_slash else index.get(canonical.path + "/")
             if directory is not None:  # R-08, R-09
                 qs = request.rel_url.raw_query_string
                 location = canonical.path + "/" + (f"?{qs}" if qs else "")
@@ -172,10 +201,22 @@ class MetadataHandler:
             return Reply(route="(unmatched)", response=self._r.not_found(raw_path))
         params = parse_query(request.query_string) if request.query_string else {}
         if entry.kind == "dynamic":
-            response = await (self._token(params) if entry.dynamic == "token" else self._identity(params))
+            assert context is not None  # dynamic entries exist only under /computeMetadata
+            creds = context.credentials
+            response = await (self._token(creds, params) if entry.dynamic == "token" else self._identity(creds, params))
         else:
             response = await self._static(entry, params)
         return Reply(route=entry.route, response=response)
+
+    def _rate_limit(self, context: RequestContext) -> Reply | None:
+        if self._limiter is None or context.rate_key is None:
+            return None
+        wait_s = self._limiter.allow(context.rate_key)
+        if wait_s is None:
+            return None
+        self._metrics.rate_limited.inc()  # SEC-34
+        return Reply(route="(rate limited)", response=self._r.text(
+            429, "Too many requests from this pod; slow down.\n", extra={"Retry-After": str(wait_s)}))
 
     def _has_flavor(self, headers: Mapping[str, str]) -> bool:
         if headers.get("Metadata-Flavor") == "Google":
@@ -226,28 +267,27 @@ class MetadataHandler:
 
     # ------------------------------------------------------------ dynamic keys
 
-    async def _token(self, params: dict[str, str]) -> web.Response:
+    async def _token(self, creds: CachedCredentials, params: dict[str, str]) -> web.Response:
         try:
-            token = await self._creds.access_token(self._creds.access_key(_requested_scopes(params)),
-                                                   wait_s=FIRST_TOKEN_WAIT_S)
+            token = await creds.access_token(creds.access_key(_requested_scopes(params)), wait_s=FIRST_TOKEN_WAIT_S)
         except CredentialError as exc:
             return self._credential_error(exc, "access token")
         return self._r.ok(self._token_body(token, self._clock.time()), JSON, None)  # SA-06, SA-07, SA-08
 
-    async def _identity(self, params: dict[str, str]) -> web.Response:
+    async def _identity(self, creds: CachedCredentials, params: dict[str, str]) -> web.Response:
         audience = params.get("audience", "")
         if not audience:
             return self._r.text(400, "non-empty audience parameter required\n")  # SA-14
         fmt = params.get("format", "standard") or "standard"
         if fmt not in ("standard", "full"):
             return self._r.text(400, "format must be 'standard' or 'full'\n")
-        if self._creds.service_account is None:
+        if creds.service_account is None:
             return self._r.text(404, "Identity tokens need a Google service account: this metadata server serves "
                                 "a federated principal, and no workload_identity.service_account is configured "
                                 "to impersonate (GKE-06).\n")
         key = IdTokenKey(audience=audience, format=fmt, licenses=is_true(params.get("licenses")))
         try:
-            token = await self._creds.id_token(key, wait_s=FIRST_TOKEN_WAIT_S)
+            token = await creds.id_token(key, wait_s=FIRST_TOKEN_WAIT_S)
         except CredentialError as exc:
             return self._credential_error(exc, "ID token")
         return self._r.ok(token.value.encode(), TEXT, None)  # SA-12: the bare JWT

@@ -1,10 +1,11 @@
 """The admin listener: ``/metrics``, ``/healthz`` and ``/readyz``. Never bound on the metadata
 address (SEC-32, config refuses it).
 
-``/healthz`` answers 200 whenever the process can run a handler: it never depends on Google, so an
-upstream outage does not get metaemu restarted (SEC-36). ``/readyz`` is 200 only when the default
-token is cached *and* the metadata listener answers a real request (a self-request, as the EKS Pod
-Identity agent does; SEC-37).
+``/healthz`` answers 200 whenever the process can run a handler: it never depends on Google or the
+Kubernetes API, so an upstream outage does not get metaemu restarted (SEC-36). ``/readyz`` is 200
+only when the credentials side is ready (sidecar: the default token is cached; node mode: the pod
+watch has synced) *and* the metadata listener answers a real request (a self-request, as the EKS
+Pod Identity agent does; SEC-37).
 """
 
 from __future__ import annotations
@@ -15,23 +16,24 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from metaemu.cache.credentials import CachedCredentials
 from metaemu.metrics import Metrics
 
 #: The self-probe is a loopback request answered from memory; a second means something is wrong.
 SELF_PROBE_TIMEOUT_S = 1.0
 
 _METRICS = web.AppKey("metrics", Metrics)
-_CREDENTIALS = web.AppKey("credentials", CachedCredentials)
+_READY: web.AppKey[Callable[[], str | None]] = web.AppKey("ready")
 _PROBE_URL: web.AppKey[Callable[[], str]] = web.AppKey("probe_url")
 _SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
-def create_admin_app(*, metrics: Metrics, credentials: CachedCredentials,
+def create_admin_app(*, metrics: Metrics, ready: Callable[[], str | None],
                      metadata_url: Callable[[], str]) -> web.Application:
+    """``ready`` returns None when the credentials side is ready, else why not (sidecar: the default
+    token is cached; node mode: the pod watch has synced)."""
     app = web.Application()
     app[_METRICS] = metrics
-    app[_CREDENTIALS] = credentials
+    app[_READY] = ready
     app[_PROBE_URL] = metadata_url
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
@@ -57,8 +59,9 @@ async def _healthz(_: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    if not request.app[_CREDENTIALS].ready():
-        return web.Response(status=503, text="not ready: no default access token cached yet\n")
+    reason = request.app[_READY]()
+    if reason is not None:
+        return web.Response(status=503, text=f"not ready: {reason}\n")
     url = request.app[_PROBE_URL]()
     try:
         async with request.app[_SESSION].get(url, headers={"Metadata-Flavor": "Google"}) as resp:

@@ -86,8 +86,9 @@ def _etag(data: bytes) -> str:
 # ---------------------------------------------------------------- building
 
 
-def build_tree(config: Config) -> Directory:
-    """The ``/`` directory for ``config.profile``."""
+def build_tree(config: Config, *, email: str | None = None) -> Directory:
+    """The ``/`` directory for ``config.profile``, serving ``email`` (default: ``config.email``) as
+    the default service account."""
     gke = config.profile == "gke"
     project: dict[str, Node] = {
         "project-id": Leaf(config.project_id),
@@ -101,7 +102,7 @@ def build_tree(config: Config) -> Directory:
         "id": Leaf(int(inst.id)),
         "hostname": Leaf(inst.hostname),
         "attributes": Directory({k: Leaf(v) for k, v in inst.attributes.items()}, user_keys=True),
-        "service-accounts": _service_accounts(config),
+        "service-accounts": _service_accounts(config, email or config.email),
     }
     if inst.zone:
         instance["zone"] = Leaf(f"projects/{config.numeric_project_id}/zones/{inst.zone}")
@@ -116,13 +117,12 @@ def build_tree(config: Config) -> Directory:
     return Directory({"computeMetadata": Directory({"v1": v1})})
 
 
-def _service_accounts(config: Config) -> Directory:
-    email = config.email
+def _service_accounts(config: Config, email: str) -> Directory:
     account = Directory({
         "aliases": Leaf(["default"]),
         "email": Leaf(email),
         "identity": Dynamic("identity"),
-        "scopes": Leaf(list(config.workload_identity.scopes)),
+        "scopes": Leaf(list(config.scopes)),
         "token": Dynamic("token"),
     }, account=email)
     # SA-01, GKE-05: default/ and the account's own name address the same account.

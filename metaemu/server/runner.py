@@ -62,12 +62,13 @@ class MetaemuServer:
 
     async def start(self) -> None:
         metadata = create_metadata_app(self.components)
-        admin = create_admin_app(metrics=self.metrics, credentials=self.components.credentials,
+        admin = create_admin_app(metrics=self.metrics, ready=self.components.contexts.ready,
                                  metadata_url=lambda: self.metadata_url + "/")
         self.metadata_address = await self._bind(metadata, self.config.listen, "listen")
         self.admin_address = await self._bind(admin, self.config.admin_listen, "admin_listen")
         log.info("serving", extra={"listen": str(self.metadata_address), "admin_listen": str(self.admin_address),
-                                   "profile": self.config.profile, "email": self.config.email})
+                                   "profile": self.config.profile, "mode": self.config.mode,
+                                   "email": self.config.email if self.config.mode == "sidecar" else None})
 
     async def _bind(self, app: web.Application, address: HostPort, key: str) -> HostPort:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)

@@ -108,6 +108,7 @@ def test_googles_creds_json_is_accepted_unchanged(world: World, tmp_path: Path) 
     raw["workload_identity"] = {"credential_config": "creds.json"}
     del raw["endpoints"]
     wi = parse_config(raw, hostname="node-1", base_dir=tmp_path).workload_identity
+    assert wi is not None
     assert (wi.audience, wi.service_account) == (AWS_AUDIENCE, SERVICE_ACCOUNT)
     assert wi.source == AwsImdsSourceConfig(
         credentials_url="http://169.254.169.254/latest/meta-data/iam/security-credentials",

@@ -478,7 +478,9 @@ def credential_config(tmp_path: Path, credential_source: dict[str, Any]) -> Path
 
 
 def loaded_source(path: Path) -> SourceConfig:
-    return load_config(path=None, credential_config=path, env={}).workload_identity.source
+    wi = load_config(path=None, credential_config=path, env={}).workload_identity
+    assert wi is not None
+    return wi.source
 
 
 async def test_credential_config_with_a_url_source(

@@ -1,0 +1,162 @@
+"""Node mode: every pod on this node served with its own Kubernetes service account's identity.
+
+``NodeAgent`` owns the pod watch, the caller resolver and one ``CachedCredentials`` per principal
+(namespace, KSA name and UID, Google service account: never an IP, SEC-26), each over a pipeline
+whose subject token is a TokenRequest bound to a calling pod (SEC-25). Principals whose last pod
+left the node are retired by ``principal_sweeper`` so their tokens stop being refreshed; memory is
+bounded by LRU (SEC-39). It is the server's ``ContextProvider`` in node mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+from cachetools import LRUCache
+
+from metaemu.cache.credentials import CachedCredentials
+from metaemu.cache.refresher import Refresher
+from metaemu.clock import Clock
+from metaemu.config import Config, NodeConfig
+from metaemu.credentials.impersonation import IamCredentialsClient
+from metaemu.credentials.pipeline import Identity, Pipeline
+from metaemu.credentials.sts import StsClient
+from metaemu.metrics import Metrics
+from metaemu.pods.identity import IdentityKey, IdentityResolver, PodIdentity, Refusal, peer_ip_of
+from metaemu.pods.kube_client import KubeClient, KubeConnection
+from metaemu.pods.pod_metrics import create_pod_metrics
+from metaemu.pods.service_accounts import ServiceAccountCache
+from metaemu.pods.stream import KubeHttp
+from metaemu.pods.token_source import PodTokenSource
+from metaemu.pods.watch import PodIndex, PodWatcher
+from metaemu.server.context import RequestContext
+from metaemu.server.metadata_tree import Entry, build_tree, index_tree
+
+log = logging.getLogger(__name__)
+
+#: Service accounts with live credentials at once; GKE notes > 3000 KSAs strain its server (SEC-39).
+MAX_PRINCIPALS = 4096
+#: Rendered trees kept (one per Google account email served).
+MAX_TREES = 1024
+#: How often principals without a pod on the node are retired: within a minute, as annotation
+#: changes must take effect (issue #4).
+SWEEP_INTERVAL_S = 60.0
+
+
+@dataclass(slots=True)
+class _Principal:
+    credentials: CachedCredentials
+    source: PodTokenSource
+
+
+class NodeAgent:
+    static: RequestContext | None = None
+
+    def __init__(self, *, config: Config, clock: Clock, metrics: Metrics, refresher: Refresher, sts: StsClient,
+                 iam: IamCredentialsClient, connection: KubeConnection) -> None:
+        assert config.node is not None
+        self._config = config
+        self._node: NodeConfig = config.node
+        self._clock = clock
+        self._metrics = metrics
+        self._refresher = refresher
+        self._sts = sts
+        self._iam = iam
+        self._http = KubeHttp(ssl_context=connection.ssl_context())
+        self.kube = KubeClient(connection=connection, http=self._http, stream=self._http, clock=clock, metrics=metrics)
+        pod_metrics = create_pod_metrics(metrics.registry)
+        self.index = PodIndex(node_name=self._node.name, host_addresses=self._node.host_addresses)
+        self._watcher = PodWatcher(kube=self.kube, index=self.index, clock=clock, metrics=pod_metrics)
+        self._accounts = ServiceAccountCache(kube=self.kube, clock=clock,
+                                             annotation=self._node.service_account_annotation)
+        self._resolver = IdentityResolver(index=self.index, kube=self.kube, service_accounts=self._accounts,
+                                          clock=clock, metrics=pod_metrics)
+        self._principals: LRUCache[IdentityKey, _Principal] = _RetiringCache(maxsize=MAX_PRINCIPALS)
+        self._trees: LRUCache[str, Mapping[str, Entry]] = LRUCache(maxsize=MAX_TREES)
+        self.default_index: Mapping[str, Entry] = index_tree(build_tree(config))
+        self._stop = asyncio.Event()
+
+    def ready(self) -> str | None:
+        return None if self.index.synced else "the pod watch has not synced yet"
+
+    async def context_for(self, request: web.Request) -> RequestContext | Refusal:
+        peer = peer_ip_of(request)  # SECURITY: the kernel's peer address, never a header (SEC-15)
+        if peer is None:
+            return Refusal(status=403, reason="not_found", message="The caller's address is unknown.")
+        resolved = await self._resolver.resolve(peer)
+        if isinstance(resolved, Refusal):
+            return resolved
+        principal = self._principal(resolved)
+        return RequestContext(index=self._tree(resolved.email(self._config.project_id)),
+                              credentials=principal.credentials, rate_key=resolved.pod_uid)
+
+    def _principal(self, identity: PodIdentity) -> _Principal:
+        key = identity.access_key(()).principal
+        found = self._principals.get(key)
+        if found is not None:
+            found.source.prefer(identity)  # bind the next token to the latest calling pod
+            return found
+        source = PodTokenSource(kube=self.kube, index=self.index, identity=identity, audience=self._node.audience,
+                                expiration_s=self._node.token_expiration_seconds, clock=self._clock)
+        pipeline = Pipeline(identity=Identity(audience=self._node.audience, service_account=identity.gsa_email,
+                                              default_scopes=self._node.scopes,
+                                              lifetime_s=self._node.token_lifetime_seconds),
+                            source=source, sts=self._sts, iam=self._iam)
+        principal = _Principal(credentials=CachedCredentials(pipeline=pipeline, clock=self._clock,
+                                                             metrics=self._metrics, refresher=self._refresher),
+                               source=source)
+        self._principals[key] = principal
+        return principal
+
+    def _tree(self, email: str) -> Mapping[str, Entry]:
+        tree = self._trees.get(email)
+        if tree is None:
+            tree = self._trees[email] = index_tree(build_tree(self._config, email=email))
+        return tree
+
+    async def principal_sweeper(self) -> None:
+        """Retire principals with no pod left on this node; runs until ``agent_ctx`` exits."""
+        while not self._stop.is_set():
+            await self._clock.sleep(SWEEP_INTERVAL_S, until=self._stop)
+            try:
+                for key in list(self._principals):
+                    if not self.index.pods_of_service_account(key.namespace, key.ksa_name):
+                        self._principals.pop(key, None)
+            except Exception:  # one bad sweep must not end the loop
+                log.exception("principal sweep failed")
+
+    async def agent_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        """cleanup_ctx entry: the pod watcher and the principal sweeper, as named tasks."""
+        tasks = [asyncio.create_task(self._watcher.pod_watcher(), name="pod_watcher"),
+                 asyncio.create_task(self.principal_sweeper(), name="principal_sweeper")]
+        try:
+            yield
+        finally:
+            self._stop.set()
+            self._watcher.stop()
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self._resolver.aclose()
+            await self._accounts.aclose()
+            await self._http.close()
+
+
+class _RetiringCache(LRUCache[IdentityKey, _Principal]):
+    """Evicting or removing a principal stops its refreshes."""
+
+    def popitem(self) -> tuple[IdentityKey, _Principal]:
+        key, principal = super().popitem()
+        principal.credentials.retire()
+        return key, principal
+
+    def pop(self, key: IdentityKey, default: object = None) -> _Principal | None:  # type: ignore[override]
+        principal = super().pop(key, None)
+        if principal is not None:
+            principal.credentials.retire()
+        return principal
