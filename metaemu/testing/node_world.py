@@ -1,0 +1,133 @@
+"""A simulated node's whole world in one process, for node-mode tests: a Kubernetes API stand-in,
+Google STS and IAM Credentials stand-ins that trust its service-account issuer, and metaemu itself in
+``mode: node``. It is meant to run inside the node's network namespace of a simulated node
+(tests/node/netns.py), so pods in their own namespaces reach metaemu through the real interception
+rule, and metaemu sees their real addresses.
+
+A control API on loopback (inside that namespace) lets the test change the cluster:
+
+    POST   /pods                    {"namespace", "name", "service_account", "ip", "gsa"?, "host_network"?}
+    DELETE /pods/{namespace}/{name}?grace=1   (grace: only mark terminating)
+    GET    /token-info?token=...    what the Google stand-in knows of an access token (its email)
+
+``python -m metaemu.testing.node_world --listen ADDR:PORT --control-port N --node NAME`` prints
+``READY`` once metaemu's pod watch has synced, and stops cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from metaemu.config import parse_config
+from metaemu.logs import setup_logging
+from metaemu.server.runner import MetaemuServer
+from metaemu.testing.fake_google import FakeGoogle
+from metaemu.testing.fake_google_sts import WorkloadIdentityProvider
+from metaemu.testing.fake_issuer import FakeIssuer
+from metaemu.testing.fake_kubernetes import FakeKubernetes
+from metaemu.testing.world import AUDIENCE, CLUSTER_ISSUER, PROJECT_ID, PROJECT_NUMBER
+
+GSA_ANNOTATION = "iam.gke.io/gcp-service-account"
+
+
+class NodeWorld:
+    def __init__(self, *, node_name: str) -> None:
+        self.node_name = node_name
+        self.kube = FakeKubernetes(issuer=FakeIssuer(issuer=CLUSTER_ISSUER))
+        self.google = FakeGoogle()
+        self.google.add_provider(WorkloadIdentityProvider(audience=AUDIENCE, issuer=CLUSTER_ISSUER,
+                                                          jwks=self.kube.issuer.jwks()))
+
+    def add_pod(self, spec: dict[str, Any]) -> None:
+        namespace, sa = str(spec["namespace"]), str(spec.get("service_account", "default"))
+        gsa = spec.get("gsa")
+        if (namespace, sa) not in self.kube.store.service_accounts:
+            self.kube.add_service_account(namespace, sa, annotations={GSA_ANNOTATION: gsa} if gsa else None)
+        if gsa:
+            self.google.add_service_account(str(gsa))
+            subject = f"system:serviceaccount:{namespace}:{sa}"
+            self.google.grant(str(gsa), self.google.principal_for(AUDIENCE, subject))
+        self.kube.add_pod(namespace, str(spec["name"]), node=self.node_name, ips=[str(spec["ip"])],
+                          service_account=sa, host_network=bool(spec.get("host_network", False)))
+
+    def control_app(self) -> web.Application:
+        async def add(request: web.Request) -> web.Response:
+            self.add_pod(await request.json())
+            return web.json_response({"ok": True})
+
+        async def delete(request: web.Request) -> web.Response:
+            grace = 30 if request.query.get("grace") else 0
+            self.kube.delete_pod(request.match_info["ns"], request.match_info["name"], grace_period_s=grace)
+            return web.json_response({"ok": True})
+
+        async def token_info(request: web.Request) -> web.Response:
+            info = self.google.token_info(request.query.get("token", ""))
+            return web.json_response({"email": info.email if info else None,
+                                      "principal": info.principal if info else None})
+
+        app = web.Application()
+        app.router.add_post("/pods", add)
+        app.router.add_delete("/pods/{ns}/{name}", delete)
+        app.router.add_get("/token-info", token_info)
+        return app
+
+
+async def serve(*, listen: str, admin_listen: str, control_port: int, node_name: str,
+                host_addresses: list[str]) -> None:
+    world = NodeWorld(node_name=node_name)
+    runners = []
+    for app, port in ((world.kube.app(), 0), (world.control_app(), control_port)):
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+    with tempfile.TemporaryDirectory(prefix="metaemu-node-") as tmp:
+        kubeconfig = world.kube.kubeconfig(Path(tmp) / "kubeconfig",
+                                           server=f"http://127.0.0.1:{runners[0].addresses[0][1]}")
+        raw = {"mode": "node", "listen": listen, "admin_listen": admin_listen, "profile": "gke",
+               "project_id": PROJECT_ID, "numeric_project_id": PROJECT_NUMBER,
+               "node": {"name": node_name, "audience": AUDIENCE, "kubeconfig": str(kubeconfig),
+                        "host_addresses": host_addresses},
+               "endpoints": {"sts": "http://sts.googleapis.test/v1/token",
+                             "iam_credentials": "http://iamcredentials.test/v1"}}
+        server = MetaemuServer(parse_config(raw, hostname=node_name, base_dir=Path(tmp)), http=world.google.client())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        try:
+            while server.components.contexts.ready() is not None and not stop.is_set():
+                await asyncio.sleep(0.02)  # the watch's first list, against the local stand-in
+            print("READY", flush=True)
+            await stop.wait()
+        finally:
+            await server.stop()
+            for runner in reversed(runners):
+                await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m metaemu.testing.node_world")
+    p.add_argument("--listen", required=True)
+    p.add_argument("--admin-listen", default="127.0.0.1:8081")
+    p.add_argument("--control-port", type=int, required=True)
+    p.add_argument("--node", default="node-1")
+    p.add_argument("--host-address", action="append", default=[])
+    args = p.parse_args(argv)
+    setup_logging("info")
+    asyncio.run(serve(listen=args.listen, admin_listen=args.admin_listen, control_port=args.control_port,
+                      node_name=args.node, host_addresses=args.host_address))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
