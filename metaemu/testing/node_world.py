@@ -105,8 +105,8 @@ async def serve(*, listen: str, admin_listen: str, control_port: int, node_name:
             loop.add_signal_handler(sig, stop.set)
         await server.start()
         try:
-            while server.components.contexts.ready() is not None and not stop.is_set():
-                await asyncio.sleep(0.02)  # the watch's first list, against the local stand-in
+            while server.components.contexts.ready() is not None and not stop.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # polls the watch's first list (no event is exposed for it)
             print("READY", flush=True)
             await stop.wait()
         finally:
