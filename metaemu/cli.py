@@ -1,4 +1,4 @@
-"""Command line: ``metaemu serve | demo | credential-provider | version``. Flags, logging and process
+"""Command line: ``metaemu serve | demo | node-setup | credential-provider | version``. Flags, logging and process
 exit codes only; no business logic. Exit codes: 0 success or clean SIGTERM, 2 configuration or start-up error.
 """
 
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--listen", default="127.0.0.1:8080", help="metadata address (default %(default)s)")
     demo.add_argument("--admin-listen", default="127.0.0.1:8081", help="admin address (default %(default)s)")
     demo.add_argument("--profile", choices=("gce", "gke"), default="gke")
+    sub.add_parser("node-setup", add_help=False,
+                   help="node mode: install and verify the interception rules (init container, NET_ADMIN)")
     sub.add_parser("credential-provider", add_help=False,
                    help="kubelet image credential provider: a CredentialProviderRequest on stdin, the response "
                    "on stdout (manifests/credential-provider)")
@@ -43,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ if environ is None else environ)
+    if arguments[:1] == ["node-setup"]:  # the node-mode init container's step: its own flags
+        from metaemu.node_setup import main as node_setup
+
+        return node_setup(arguments[1:], environ=env)
     if arguments[:1] == ["credential-provider"]:  # a kubelet exec plugin: its own flags and stdio contract
         from metaemu.image_credentials import main as credential_provider
 

@@ -18,7 +18,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NODE_DIR="$ROOT/tests/clients/node"
 # wrk is the load generator of benchmarks/run.py (its smoke test runs in make test).
 # prometheus provides promtool (alert unit tests); docker-compose validates docker-compose.yml offline.
-APT_PACKAGES=(golang-go golang-golang-x-oauth2-google-dev golang-google-api-dev wrk prometheus docker-compose)
+APT_PACKAGES=(golang-go golang-golang-x-oauth2-google-dev golang-google-api-dev wrk prometheus docker-compose iptables conntrack)
 
 log() { printf '[install-clients] %s\n' "$*"; }
 

@@ -85,7 +85,7 @@ async def serve(*, listen: str, admin_listen: str, control_port: int, node_name:
     world = NodeWorld(node_name=node_name)
     runners = []
     for app, port in ((world.kube.app(), 0), (world.control_app(), control_port)):
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)  # watch streams stay open
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         runners.append(runner)
