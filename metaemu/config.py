@@ -152,6 +152,10 @@ class NodeConfig:
     rate_limit_burst: int = 40
     #: Requests handled at once before new ones get 503 (SEC-35; GKE documents 500 per node).
     max_concurrent_requests: int = 500
+    #: When set, the agent re-checks the node-setup interception rules periodically and repairs drift
+    #: (SEC-04; needs NET_ADMIN): pod interface patterns, or the node's own interface.
+    intercept_pod_interfaces: tuple[str, ...] = ()
+    intercept_node_interface: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -265,7 +269,8 @@ TOP_KEYS = frozenset({"listen", "admin_listen", "profile", "log_level", "project
                       "node"})
 NODE_KEYS = frozenset({"name", "audience", "service_account_annotation", "token_expiration_seconds",
                        "host_network", "kubeconfig", "host_addresses", "scopes", "token_lifetime_seconds",
-                       "rate_limit_per_second", "rate_limit_burst", "max_concurrent_requests"})
+                       "rate_limit_per_second", "rate_limit_burst", "max_concurrent_requests",
+                       "intercept_pod_interfaces", "intercept_node_interface"})
 INSTANCE_KEYS = frozenset({"id", "zone", "hostname", "name", "attributes", "tags"})
 WORKLOAD_IDENTITY_KEYS = frozenset({"audience", "service_account", "scopes", "token_lifetime_seconds", "source",
                                     "credential_config"})
@@ -399,6 +404,8 @@ def _parse_node(raw: Mapping[str, Any], *, base_dir: Path) -> NodeConfig:
         rate_limit_per_second=float(rate),
         rate_limit_burst=_int(raw, "rate_limit_burst", 40, p),
         max_concurrent_requests=_int(raw, "max_concurrent_requests", 500, p),
+        intercept_pod_interfaces=_str_list(raw, "intercept_pod_interfaces", p + "intercept_pod_interfaces"),
+        intercept_node_interface=_opt_str(raw, "intercept_node_interface", p),
     )
 
 

@@ -25,7 +25,9 @@ from metaemu.config import Config, NodeConfig
 from metaemu.credentials.impersonation import IamCredentialsClient
 from metaemu.credentials.pipeline import Identity, Pipeline
 from metaemu.credentials.sts import StsClient
+from metaemu.interception import InterceptionRule
 from metaemu.metrics import Metrics
+from metaemu.node_setup import create_interception_metrics, interception_reconciler
 from metaemu.pods.identity import IdentityKey, IdentityResolver, PodIdentity, Refusal, peer_ip_of
 from metaemu.pods.kube_client import KubeClient, KubeConnection
 from metaemu.pods.pod_metrics import create_pod_metrics
@@ -79,9 +81,16 @@ class NodeAgent:
         self._trees: LRUCache[str, Mapping[str, Entry]] = LRUCache(maxsize=MAX_TREES)
         self.default_index: Mapping[str, Entry] = index_tree(build_tree(config))
         self._stop = asyncio.Event()
+        self._rule = _interception_rule(config)
+        self._rule_metrics = create_interception_metrics(metrics.registry) if self._rule else None
 
     def ready(self) -> str | None:
-        return None if self.index.synced else "the pod watch has not synced yet"
+        """SEC-37: the pod watch has synced and, when the agent keeps the rules, they are in place."""
+        if not self.index.synced:
+            return "the pod watch has not synced yet"
+        if self._rule is not None and self._metrics.registry.get_sample_value("metaemu_interception_rule_present") != 1:
+            return "the interception rules are not in place"
+        return None
 
     async def context_for(self, request: web.Request) -> RequestContext | Refusal:
         peer = peer_ip_of(request)  # SECURITY: the kernel's peer address, never a header (SEC-15)
@@ -133,6 +142,10 @@ class NodeAgent:
         """cleanup_ctx entry: the pod watcher and the principal sweeper, as named tasks."""
         tasks = [asyncio.create_task(self._watcher.pod_watcher(), name="pod_watcher"),
                  asyncio.create_task(self.principal_sweeper(), name="principal_sweeper")]
+        if self._rule is not None and self._rule_metrics is not None:
+            tasks.append(asyncio.create_task(interception_reconciler(
+                self._rule, clock=self._clock, stop_event=self._stop, metrics=self._rule_metrics),
+                name="interception_reconciler"))
         try:
             yield
         finally:
@@ -145,6 +158,15 @@ class NodeAgent:
             await self._resolver.aclose()
             await self._accounts.aclose()
             await self._http.close()
+
+
+def _interception_rule(config: Config) -> InterceptionRule | None:
+    node = config.node
+    if node is None or not (node.intercept_pod_interfaces or node.intercept_node_interface):
+        return None
+    return InterceptionRule(target_address=config.listen.host, target_port=config.listen.port,
+                            pod_interfaces=node.intercept_pod_interfaces,
+                            node_interface=node.intercept_node_interface)
 
 
 class _RetiringCache(LRUCache[IdentityKey, _Principal]):

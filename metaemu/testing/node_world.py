@@ -81,7 +81,7 @@ class NodeWorld:
 
 
 async def serve(*, listen: str, admin_listen: str, control_port: int, node_name: str,
-                host_addresses: list[str]) -> None:
+                host_addresses: list[str], intercept_pod_interfaces: list[str]) -> None:
     world = NodeWorld(node_name=node_name)
     runners = []
     for app, port in ((world.kube.app(), 0), (world.control_app(), control_port)):
@@ -95,7 +95,7 @@ async def serve(*, listen: str, admin_listen: str, control_port: int, node_name:
         raw = {"mode": "node", "listen": listen, "admin_listen": admin_listen, "profile": "gke",
                "project_id": PROJECT_ID, "numeric_project_id": PROJECT_NUMBER,
                "node": {"name": node_name, "audience": AUDIENCE, "kubeconfig": str(kubeconfig),
-                        "host_addresses": host_addresses},
+                        "host_addresses": host_addresses, "intercept_pod_interfaces": intercept_pod_interfaces},
                "endpoints": {"sts": "http://sts.googleapis.test/v1/token",
                              "iam_credentials": "http://iamcredentials.test/v1"}}
         server = MetaemuServer(parse_config(raw, hostname=node_name, base_dir=Path(tmp)), http=world.google.client())
@@ -122,10 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-port", type=int, required=True)
     p.add_argument("--node", default="node-1")
     p.add_argument("--host-address", action="append", default=[])
+    p.add_argument("--intercept-pod-interface", action="append", default=[],
+                   help="keep node-setup's rules in place for these pod interfaces (needs NET_ADMIN)")
     args = p.parse_args(argv)
     setup_logging("info")
     asyncio.run(serve(listen=args.listen, admin_listen=args.admin_listen, control_port=args.control_port,
-                      node_name=args.node, host_addresses=args.host_address))
+                      node_name=args.node, host_addresses=args.host_address,
+                      intercept_pod_interfaces=args.intercept_pod_interface))
     return 0
 
 

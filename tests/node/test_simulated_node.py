@@ -49,6 +49,7 @@ def cluster() -> Iterator[tuple[SimulatedNode, subprocess.Popen[str]]]:
         assert setup.returncode == 0, setup.stderr
         agent = node.popen_in(node.node_ns, sys.executable, "-m", "metaemu.testing.node_world", "--listen", AGENT,
                               "--control-port", str(CONTROL), "--host-address", NODE_IP,
+                              "--intercept-pod-interface", "vethpod+",
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             assert agent.stdout is not None
@@ -158,3 +159,14 @@ def test_stopping_metaemu_never_exposes_anything_else(
     for i in (1, 2):
         status, detail = raw_get(node, node.pod_ns(i), "/computeMetadata/v1/instance/service-accounts/default/token")
         assert status is None, (status, detail)  # refused: the rules stay, nothing answers (SEC-05)
+
+
+def test_agent_keeps_the_rules_and_reports_them_in_readiness(
+        cluster: tuple[SimulatedNode, subprocess.Popen[str]]) -> None:
+    node, _ = cluster
+    metrics = node.run_in(node.node_ns, sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
+                          "'http://127.0.0.1:8081/metrics', timeout=5).read().decode())").stdout
+    assert "metaemu_interception_rule_present 1.0" in metrics  # SEC-40
+    ready = node.run_in(node.node_ns, sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
+                        "'http://127.0.0.1:8081/readyz', timeout=5).status)").stdout
+    assert ready.strip() == "200"  # SEC-37: the pod watch synced and the rules are in place
