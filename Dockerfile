@@ -15,7 +15,13 @@ LABEL org.opencontainers.image.title="metaemu" \
       org.opencontainers.image.description="GCE/GKE metadata server for workloads outside Google Cloud, backed by Workload Identity Federation" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/metaemu/metaemu"
-RUN groupadd --system --gid 65532 metaemu \
+# node-setup (node mode's init/sidecar container) drives iptables, conntrack and ip. Debian's
+# security updates replace exact versions, so they are not pinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables conntrack iproute2 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 65532 metaemu \
  && useradd --system --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin metaemu
 COPY requirements.lock /tmp/requirements.lock
 COPY --from=build /wheels /tmp/wheels
