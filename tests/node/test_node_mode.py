@@ -217,3 +217,34 @@ async def test_sec36_api_outage_keeps_known_pods_served(node: Node) -> None:
     unknown = await node.get("169.254.20.50", SA_PATH + "token")
     assert unknown.status in (403, 503)  # never a guess
     node.world.kube.restore()
+
+
+async def test_sec35_concurrency_cap_refuses_predictably_and_recovers(tmp_path: Path) -> None:
+    world = NodeWorld(node_name=NODE)
+    world.add_pod({"namespace": "a", "name": "p1", "service_account": "sa1", "ip": P1, "gsa": GSA1})
+    runner = web.AppRunner(world.kube.app(), shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    kubeconfig = world.kube.kubeconfig(tmp_path / "kubeconfig", server=f"http://127.0.0.1:{runner.addresses[0][1]}")
+    config = parse_config({
+        "mode": "node", "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "project_id": PROJECT_ID,
+        "numeric_project_id": PROJECT_NUMBER,
+        "node": {"name": NODE, "audience": AUDIENCE, "kubeconfig": str(kubeconfig), "max_concurrent_requests": 2},
+        "endpoints": {"sts": "http://sts.test/v1/token", "iam_credentials": "http://iam.test/v1"},
+    }, hostname=NODE, base_dir=tmp_path)
+    server = MetaemuServer(config, http=world.google.client())
+    await server.start()
+    node = Node(world, server)
+    try:
+        await node.watch_sees("the first list", lambda: server.components.contexts.ready() is None)
+        held = [asyncio.create_task(node.get(P1, "/computeMetadata/v1/project/project-id?wait_for_change=true"
+                                              "&timeout_sec=1")) for _ in range(2)]
+        await asyncio.sleep(0.05)  # both long polls are now held by the handler
+        busy = await node.get(P1, SA_PATH + "email")
+        assert busy.status == 503
+        assert busy.headers["Retry-After"] == "1"
+        assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+        assert (await node.get(P1, SA_PATH + "email")).status == 200  # capacity is back
+    finally:
+        await server.stop()
+        await runner.cleanup()

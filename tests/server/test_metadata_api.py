@@ -440,3 +440,10 @@ async def test_flavor_rule_applies_to_the_computemetadata_segment_only(gke: tupl
     _, mds = gke
     assert (await mds.get("/computeMetadataX/v1/", flavor=False)).status == 404
     assert (await mds.get("/computeMetadata", flavor=False)).status == 403
+
+
+async def test_sec24_oversized_headers_are_refused_and_the_server_carries_on(gke: tuple[MetaemuServer, Mds]) -> None:
+    _, mds = gke
+    r = await mds.get(SA_PATH + "email", headers={"X-Padding": "x" * 20_000})
+    assert r.status in (400, 431)
+    assert (await mds.get(SA_PATH + "email")).status == 200
