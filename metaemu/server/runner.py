@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 #: Token requests are answered from memory in microseconds; 10 s is ample for in-flight requests
 #: and well inside Kubernetes' default 30 s termination grace period.
 SHUTDOWN_GRACE_S = 10.0
+#: Idle keep-alive connections are closed after this (aiohttp's default is 75 s); clients reconnect
+#: cheaply on loopback or the node, and idle sockets are capacity (security.md recommendation 7).
+IDLE_TIMEOUT_S = 30.0
 
 
 class StartupError(Exception):
@@ -71,7 +74,8 @@ class MetaemuServer:
                                    "email": self.config.email if self.config.mode == "sidecar" else None})
 
     async def _bind(self, app: web.Application, address: HostPort, key: str) -> HostPort:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S,
+                               keepalive_timeout=IDLE_TIMEOUT_S)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
