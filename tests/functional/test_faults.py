@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from metaemu.server.runner import MetaemuServer
 from metaemu.testing.fake_clock import FakeClock, settle
@@ -272,3 +273,35 @@ async def test_t06_token_already_below_the_floor_from_upstream_is_never_served(r
     assert r.status == 503
     assert "below the 300 s floor" in r.text
     assert b"ya29.skewed" not in r.body
+
+
+async def test_sec30_no_fallback_to_the_hosts_own_credentials(world: World, clock: FakeClock, rig_factory: list[Rig],
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the WIF path failing, metaemu never serves a token from credentials lying around on the
+    host (ADC file, gcloud): such a token endpoint is never even contacted."""
+    calls: list[str] = []
+
+    async def oauth(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        return web.json_response({"access_token": "ya29.HOST-CREDENTIALS", "expires_in": 3600})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", oauth)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    adc = tmp_path / "adc.json"
+    adc.write_text(json.dumps({"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r",
+                               "token_uri": f"http://127.0.0.1:{runner.addresses[0][1]}/token"}))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))
+    world.google.fail("sts", status=503, times=1000)
+    rig, cm = await start(world, clock, rig_factory)
+    try:
+        r = await rig.mds.get(TOKEN)
+        assert r.status == 503
+        assert b"HOST-CREDENTIALS" not in r.body
+        assert calls == []
+    finally:
+        await cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
+        await runner.cleanup()
