@@ -20,6 +20,7 @@ from metaemu.clock import Clock, SystemClock
 from metaemu.config import Config, HostPort
 from metaemu.metrics import Metrics, create_metrics
 from metaemu.server.app import Components, build_components, create_metadata_app
+from metaemu.server.deadline import HeaderDeadline
 from metaemu.server.health import create_admin_app
 from metaemu.transport import AiohttpClient, HttpClient
 
@@ -48,6 +49,7 @@ class MetaemuServer:
         self.components: Components = build_components(
             config=config, clock=clock or SystemClock(), metrics=self.metrics, http=http)
         self._runners: list[web.AppRunner] = []
+        self._listeners: list[asyncio.Server] = []
         self.metadata_address: HostPort = config.listen
         self.admin_address: HostPort = config.admin_listen
 
@@ -78,18 +80,27 @@ class MetaemuServer:
                                keepalive_timeout=IDLE_TIMEOUT_S)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        handler_factory = runner.server
+        assert handler_factory is not None
         try:
-            await site.start()
+            # Not TCPSite: each connection's protocol is wrapped in a read-header deadline (SEC-24).
+            listener = await asyncio.get_running_loop().create_server(
+                lambda: HeaderDeadline(handler_factory()), address.host, address.port, reuse_address=True)
         except OSError as exc:
             await self.stop()
             raise StartupError(f"{key}: cannot listen on {address}: {exc.strerror or exc}") from exc
-        return HostPort(host=address.host, port=int(runner.addresses[0][1]))
+        self._listeners.append(listener)
+        return HostPort(host=address.host, port=int(listener.sockets[0].getsockname()[1]))
 
     async def stop(self) -> None:
         self.components.handler.shutdown.set()
+        for listener in self._listeners:  # stop accepting first; in-flight requests finish below
+            listener.close()
         for runner in reversed(self._runners):
-            await runner.cleanup()
+            await runner.cleanup()  # finishes in-flight requests, then closes every connection
+        for listener in self._listeners:
+            await listener.wait_closed()
+        self._listeners.clear()
         self._runners.clear()
         if self._own_http is not None:
             await self._own_http.close()
