@@ -77,6 +77,10 @@ class LockFreeCounter(Collector):
     def inc(self, *labels: str) -> None:
         self._counts[labels] = self._counts.get(labels, 0) + 1
 
+    def inc_key(self, labels: tuple[str, ...]) -> None:
+        """``inc`` with a label tuple built once by the caller (hot paths)."""
+        self._counts[labels] = self._counts.get(labels, 0) + 1
+
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
         for labels, n in sorted(self._counts.items()):

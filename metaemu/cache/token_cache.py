@@ -88,6 +88,7 @@ class TokenCache(Generic[K, T]):
         self._pinned: dict[K, _Entry[T]] = {}  # outside the LRU: a flood of keys cannot evict these
         self._on_schedule_change = on_schedule_change
         self._rng = rng or random.Random()
+        self._hit_labels = (kind, "hit")
 
     def __len__(self) -> int:
         return len(self._entries) + len(self._pinned)
@@ -124,7 +125,7 @@ class TokenCache(Generic[K, T]):
         if entry is None or entry.token is None or entry.token.expiry_ts - now_ts < self._floor:
             return None
         entry.last_used = self._clock.monotonic()
-        self._metrics.token_cache.inc(self.kind, "hit")
+        self._metrics.token_cache.inc_key(self._hit_labels)
         if entry.last_error is not None:
             self._metrics.stale_served.inc()
         return entry.token

@@ -38,6 +38,9 @@ class HeaderDeadline(asyncio.Protocol):
             if _END_OF_HEADERS in seen:
                 self._timer.cancel()
                 self._timer = None
+                # Done: hand the connection to aiohttp directly, so keep-alive traffic pays nothing.
+                if isinstance(self._transport, asyncio.Transport):
+                    self._transport.set_protocol(self._inner)
             else:
                 self._tail = seen[-(len(_END_OF_HEADERS) - 1):]
         self._inner.data_received(data)

@@ -16,7 +16,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import istr
 
 from metaemu.cache.credentials import CachedCredentials, IdTokenKey, ScopeKey
 from metaemu.clock import Clock
@@ -41,6 +42,10 @@ LONG_POLL_CAP_S = 300.0
 #: Google's emulator notes "500 max hanging gets" (Q-13); beyond that, 503 so they cannot starve
 #: token requests.
 LONG_POLL_LIMIT = 500
+#: Pre-built case-insensitive header names: lookups skip re-folding the name on every request.
+_FLAVOR = istr("Metadata-Flavor")
+_XFF = hdrs.X_FORWARDED_FOR
+_HOST = hdrs.HOST
 #: Fast-path memos (Host values, raw token query strings) stop growing at this many entries; real
 #: clients use a handful of each.
 _MEMO_LIMIT = 256
@@ -96,28 +101,28 @@ class MetadataHandler:
         return response
 
     def _fast_path(self, request: web.Request) -> tuple[str, web.Response] | None:
-        creds = self._static_creds
-        assert creds is not None
         """Serve the common case without awaiting: a GET with the flavor header, an allowed Host,
         no X-Forwarded-For, an exact canonical path, and (for ``token``) a cached token.
 
         SECURITY: this only ever answers a subset of what ``_dispatch`` would answer, identically;
-        anything else returns None and goes through every rule in ``_dispatch``.
+        anything else (any other spelling of a path included: the raw target must be a canonical key
+        as is) returns None and goes through every rule in ``_dispatch``.
         """
         if request.method != "GET":
             return None
         headers = request.headers
-        if "X-Forwarded-For" in headers or headers.get("Metadata-Flavor") != "Google":
+        if headers.get(_FLAVOR) != "Google" or _XFF in headers:
             return None
-        host = headers.get("Host", "")
+        host = headers.get(_HOST, "")
         if host not in self._hosts_seen and not self._remember_host(host):
             return None
-        entry = self._index.get(request.rel_url.raw_path)
+        path, _, raw_query = request.raw_path.partition("?")
+        entry = self._index.get(path)
         if entry is None:
             return None
-        raw_query = request.rel_url.raw_query_string
         if entry.kind == "dynamic":
-            if entry.dynamic != "token":
+            creds = self._static_creds
+            if entry.dynamic != "token" or creds is None:
                 return None
             now_ts = self._clock.time()
             key = self._scope_keys.get(raw_query)
@@ -127,9 +132,10 @@ class MetadataHandler:
             if token is None:
                 return None
             return entry.route, self._r.ok(self._token_body(token, now_ts), JSON, None)
-        if raw_query or entry.plain is None:
+        plain = entry.plain
+        if raw_query or plain is None:
             return None
-        return entry.route, self._r.ok(entry.plain.data, entry.plain.content_type, entry.plain.etag)
+        return entry.route, self._r.ok(plain.data, plain.content_type, plain.etag)
 
     def _remember_host(self, host: str) -> bool:
         if not self._hosts.allows(host):
