@@ -4,11 +4,13 @@ HTTP client for the metadata API that returns status, headers and raw body."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import jwt
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -69,3 +71,13 @@ class Mds:
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def assert_no_jwt_from(issuer: str, body: str) -> None:
+    """SEC-25: no JWT issued by ``issuer`` (the cluster) appears anywhere in a response body."""
+    for candidate in re.findall(r"[\w-]+\.[\w-]+\.[\w-]+", body):
+        try:
+            claims = jwt.decode(candidate, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            continue
+        assert claims.get("iss") != issuer
