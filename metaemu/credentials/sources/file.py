@@ -33,7 +33,7 @@ class FileSource:
 
     async def fetch(self) -> SubjectToken:
         path = self._config.path
-        text = await asyncio.to_thread(_read_bounded, path)
+        text = await asyncio.to_thread(read_bounded, path, what="subject token file")
         value = self._extract(text).strip()
         if not value:
             raise SourceError(f"subject token file {path} is empty")
@@ -62,14 +62,16 @@ class FileSource:
         return value
 
 
-def _read_bounded(path: Path) -> str:
+def read_bounded(path: Path, *, what: str, limit: int = MAX_TOKEN_FILE_BYTES) -> str:
+    """The text of a small credential file (blocking: call it in a worker thread). ``SourceError``
+    names the file and ``what`` it is, never its content; a file over ``limit`` bytes is refused."""
     try:
         with path.open("rb") as f:
-            data = f.read(MAX_TOKEN_FILE_BYTES + 1)
+            data = f.read(limit + 1)
     except FileNotFoundError:
-        raise SourceError(f"subject token file {path} does not exist") from None
+        raise SourceError(f"{what} {path} does not exist") from None
     except OSError as exc:
-        raise SourceError(f"cannot read subject token file {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_TOKEN_FILE_BYTES:
-        raise SourceError(f"subject token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes")
+        raise SourceError(f"cannot read {what} {path}: {exc.strerror or type(exc).__name__}") from None
+    if len(data) > limit:
+        raise SourceError(f"{what} {path} is larger than {limit} bytes")
     return data.decode("utf-8", errors="replace")

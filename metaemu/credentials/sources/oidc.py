@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from metaemu.clock import Clock
+from metaemu.credentials.sources.file import read_bounded
 from metaemu.credentials.tokens import JWT_TOKEN_TYPE, SubjectToken, jwt_expiry
 from metaemu.credentials.upstream import UpstreamCaller
 from metaemu.errors import BODY_EXCERPT_CHARS, ConfigError, CredentialError, SourceError, UpstreamError
@@ -299,16 +300,7 @@ async def _read_credential(path: Path, what: str) -> str:
 
 
 def _read_bounded(path: Path, what: str) -> str:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_CREDENTIAL_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise SourceError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise SourceError(f"cannot read {what} {path}: {exc.strerror or type(exc).__name__}") from None
-    if len(data) > MAX_CREDENTIAL_FILE_BYTES:
-        raise SourceError(f"{what} {path} is larger than {MAX_CREDENTIAL_FILE_BYTES} bytes")
-    text = data.decode("utf-8", errors="replace").strip()
+    text = read_bounded(path, what=what, limit=MAX_CREDENTIAL_FILE_BYTES).strip()
     if not text:
         raise SourceError(f"{what} {path} is empty")
     return text
