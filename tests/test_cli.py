@@ -105,7 +105,7 @@ async def test_sec38_port_in_use_exits_2_with_a_clear_message(world: World, goog
     assert f"listen: cannot listen on 127.0.0.1:{port}" in err
 
 
-async def test_sigterm_finishes_in_flight_requests_exits_0_and_logs_no_tokens(
+async def test_sigterm_finishes_in_flight_requests_exits_0_and_sec33_logs_no_tokens(
         world: World, google_url: str, tmp_path: Path) -> None:
     path, port, admin = write_config(world, google_url, tmp_path, log_level="debug")
     proc = await asyncio.create_subprocess_exec(*METAEMU, "serve", "--config", str(path),

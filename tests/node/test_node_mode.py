@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
+from metaemu import __version__
 from metaemu.config import parse_config
 from metaemu.server.runner import MetaemuServer
 from metaemu.testing.node_world import NodeWorld
@@ -232,3 +233,26 @@ async def test_sec35_concurrency_cap_refuses_predictably_and_recovers(tmp_path: 
         assert busy.headers["Retry-After"] == "1"
         assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
         assert (await node.get(P1, SA_PATH + "email")).status == 200  # capacity is back
+
+
+async def test_sec40_after_a_scripted_run_the_node_metrics_exist(node: Node) -> None:
+    await node.token(P1)
+    await node.token(P1)  # a cache hit
+    await node.get("169.254.20.77", SA_PATH + "token")  # not_found
+    await node.get(NODE_IP, SA_PATH + "token")  # host_network
+    await node.get(P2, SA_PATH + "token", headers={"X-Forwarded-For": "1.2.3.4"})  # blocked
+    for _ in range(12):
+        await node.get(P3, SA_PATH + "email")  # past the burst of 10: rate limited
+    m = node.metric
+    assert m("metaemu_requests_total", route="/computeMetadata/v1/instance/service-accounts/{account}/token",
+             code="200") == 2
+    for result in ("found", "not_found", "host_network"):
+        assert m("metaemu_pod_lookup_total", result=result) >= 1, result
+    assert m("metaemu_token_cache_total", kind="access_token", result="hit") >= 1
+    assert m("metaemu_token_cache_total", kind="access_token", result="miss") >= 1
+    for backend in ("k8s", "sts", "iam"):
+        assert m("metaemu_upstream_request_duration_seconds_count", backend=backend) >= 1, backend
+    assert m("metaemu_blocked_requests_total", reason="xff") == 1
+    assert m("metaemu_rate_limited_total") >= 1
+    assert m("metaemu_pod_watch_synced") == 1
+    assert m("metaemu_build_info", version=__version__) == 1

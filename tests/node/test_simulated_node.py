@@ -161,7 +161,7 @@ def test_stopping_metaemu_never_exposes_anything_else(
         assert status is None, (status, detail)  # refused: the rules stay, nothing answers (SEC-05)
 
 
-def test_agent_keeps_the_rules_and_reports_them_in_readiness(
+def test_sec37_sec40_agent_keeps_the_rules_and_reports_them_in_readiness(
         cluster: tuple[SimulatedNode, subprocess.Popen[str]]) -> None:
     node, _ = cluster
     metrics = node.run_in(node.node_ns, sys.executable, "-c", "import urllib.request as u; print(u.urlopen("

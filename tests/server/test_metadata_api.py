@@ -108,7 +108,7 @@ async def test_r02_gce_missing_flavor_is_google_403_page(gce: tuple[MetaemuServe
     assert sample(server.metrics, "metaemu_blocked_requests_total", reason="metadata_flavor") == 1
 
 
-async def test_r03_gke_missing_flavor_body_is_exact(gke: tuple[MetaemuServer, Mds]) -> None:
+async def test_r03_sec17_gke_missing_flavor_body_is_exact_and_holds_no_metadata(gke: tuple[MetaemuServer, Mds]) -> None:
     _, mds = gke
     r = await mds.get(SA_PATH + "token", flavor=False)
     assert r.status == 403
@@ -336,7 +336,7 @@ async def test_q11_stale_last_etag_answers_at_once(api: tuple[MetaemuServer, Mds
     assert (await mds.get(V1 + "project/project-id?wait_for_change=true&timeout_sec=x")).status == 400
 
 
-async def test_r13_r14_booleans_any_case_unknown_params_ignored(api: tuple[MetaemuServer, Mds]) -> None:
+async def test_r13_r14_sec21_booleans_any_case_unknown_params_ignored(api: tuple[MetaemuServer, Mds]) -> None:
     _, mds = api
     r = await mds.get(SA_PATH + "?recursive=True&foo=blah&bindCertificateFingerprint=x")
     assert json.loads(r.body)["email"] == SERVICE_ACCOUNT
