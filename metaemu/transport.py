@@ -11,6 +11,7 @@ them into an ``UpstreamError`` with ``status=0`` that names the service.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -89,7 +90,9 @@ class AiohttpClient:
     client can be built while the application is being assembled.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        #: None: the system trust store. The Kubernetes client passes the cluster's CA bundle.
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -109,7 +112,7 @@ class AiohttpClient:
         try:
             async with self._get_session().request(
                 request.method, request.url, headers=dict(request.headers),
-                data=request.body or None, timeout=timeout, allow_redirects=False,
+                data=request.body or None, timeout=timeout, allow_redirects=False, ssl=self._ssl,
             ) as resp:
                 # read(n) returns what has arrived so far, not n bytes: collect chunks until EOF
                 # (or the cap), so a body split across TCP segments is never truncated.

@@ -18,14 +18,13 @@ Not owned here: what the lines mean (``kube_client``), deadlines on virtual time
 from __future__ import annotations
 
 import contextlib
-import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
 
-from metaemu.transport import MAX_RESPONSE_BYTES, HttpRequest, HttpResponse, TransportFailure
+from metaemu.transport import MAX_RESPONSE_BYTES, AiohttpClient, HttpRequest, TransportFailure
 
 #: Cap on one watch event line. The API server stores objects of at most 1.5 MiB (etcd's request
 #: limit); a pod with managedFields stays far below. A longer line is a broken stream, not a pod.
@@ -75,40 +74,10 @@ async def split_lines(chunks: AsyncIterator[bytes], *, url: str) -> AsyncIterato
         yield tail
 
 
-class KubeHttp:
-    """``HttpClient`` and ``HttpStreamClient`` for one Kubernetes API server.
-
-    Separate from ``metaemu.transport.AiohttpClient`` because the API server is verified against the
-    cluster's own CA bundle (``ssl_context``), not the system store. The session is created on first
-    use inside the running loop. Like ``AiohttpClient`` it ignores proxy environment variables: a
-    bearer token for the API server must not be rerouted.
-    """
-
-    def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
-        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
-        self._session: aiohttp.ClientSession | None = None
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(trust_env=False, raise_for_status=False)
-        return self._session
-
-    async def send(self, request: HttpRequest) -> HttpResponse:
-        resp = await self._request(request, aiohttp.ClientTimeout(total=request.timeout_s))
-        try:
-            body = bytearray()
-            async for chunk in _chunks(resp, request.url):
-                body += chunk
-                if len(body) >= MAX_RESPONSE_BYTES:
-                    break
-            return HttpResponse(status=resp.status, headers=dict(resp.headers), body=bytes(body[:MAX_RESPONSE_BYTES]))
-        finally:
-            _finish(resp)
+class KubeHttp(AiohttpClient):
+    """``HttpClient`` and ``HttpStreamClient`` for one Kubernetes API server: ``AiohttpClient``
+    (verified against the cluster's own CA bundle, proxy environment ignored so a bearer token for
+    the API server is never rerouted) plus ``open`` for streamed watches."""
 
     @contextlib.asynccontextmanager
     async def open(self, request: HttpRequest) -> AsyncIterator[LineStream]:
