@@ -39,13 +39,7 @@ class FileSource:
             raise SourceError(f"subject token file {path} is empty")
         expiry: dt.datetime | None = None
         if self._config.token_type in (JWT_TOKEN_TYPE, ID_TOKEN_TYPE):
-            try:
-                expiry = jwt_expiry(value)
-            except ValueError as exc:
-                raise SourceError(f"subject token file {path} does not hold a JWT ({exc})") from None
-            if expiry <= self._clock.now():
-                raise SourceError(f"the token in {path} expired at {expiry:%Y-%m-%dT%H:%M:%SZ}; "
-                                  "is the projected volume still being rotated?")
+            expiry = live_jwt_expiry(value, now=self._clock.now(), path=path, what="subject token file")
         return SubjectToken(value=value, token_type=self._config.token_type, expiry=expiry)
 
     def _extract(self, text: str) -> str:
@@ -60,6 +54,19 @@ class FileSource:
         if not isinstance(value, str):
             raise SourceError(f"subject token file {self._config.path} has no string field {field!r}")
         return value
+
+
+def live_jwt_expiry(token: str, *, now: dt.datetime, path: Path, what: str) -> dt.datetime:
+    """``exp`` of the JWT read from ``path``; ``SourceError`` naming the file (never the token) when
+    it is not a JWT or has already expired, e.g. because kubelet stopped rotating the volume."""
+    try:
+        expiry = jwt_expiry(token)
+    except ValueError as exc:
+        raise SourceError(f"{what} {path} does not hold a JWT ({exc})") from None
+    if expiry <= now:
+        raise SourceError(f"the token in {path} expired at {expiry:%Y-%m-%dT%H:%M:%SZ}; "
+                          "is the projected volume still being rotated?")
+    return expiry
 
 
 def read_bounded(path: Path, *, what: str, limit: int = MAX_TOKEN_FILE_BYTES) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from metaemu.clock import Clock
-from metaemu.credentials.sources.file import read_bounded
+from metaemu.credentials.sources.file import live_jwt_expiry, read_bounded
 from metaemu.credentials.tokens import JWT_TOKEN_TYPE, SubjectToken, jwt_expiry
 from metaemu.credentials.upstream import UpstreamCaller
 from metaemu.errors import BODY_EXCERPT_CHARS, ConfigError, CredentialError, SourceError, UpstreamError
@@ -201,13 +201,7 @@ class OidcSource:
     def _check_assertion(self, assertion: str, path: Path) -> None:
         """Refuse an assertion that is not a JWT or has expired before the issuer does: the
         message can then name the file (kubelet may have stopped rotating it)."""
-        try:
-            expiry = jwt_expiry(assertion)
-        except ValueError as exc:
-            raise SourceError(f"assertion file {path} does not hold a JWT ({exc})") from None
-        if expiry <= self._clock.now():
-            raise SourceError(f"the assertion in {path} expired at {expiry:%Y-%m-%dT%H:%M:%SZ}; "
-                              "is the projected volume still being rotated?")
+        live_jwt_expiry(assertion, now=self._clock.now(), path=path, what="assertion file")
 
     def _parse(self, body: Mapping[str, Any], *, now: dt.datetime) -> _Cached:
         """UP-17: ``{"access_token", "token_type", "expires_in"}``; the JWT's ``exp`` bounds the expiry."""
