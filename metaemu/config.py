@@ -10,7 +10,6 @@ the environment in.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -536,11 +535,3 @@ def _str_map(raw: Mapping[str, Any], key: str, prefix: str = "") -> dict[str, st
             raise ConfigError(f"{prefix}{key}.{k}", "must be a string")
         out[k] = str(v)
     return out
-
-
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
