@@ -130,6 +130,11 @@ class WorkloadIdentity:
 MIN_NODE_TOKEN_S = 600
 MAX_NODE_TOKEN_S = 48 * 3600
 DEFAULT_SA_ANNOTATION = "iam.gke.io/gcp-service-account"
+#: The taint the agent removes from its node once it can serve (SEC-02; metaemu.pods.startup_taint).
+DEFAULT_STARTUP_TAINT = "metaemu.dev/agent-not-ready"
+#: A taint key is a qualified name: an optional DNS-subdomain prefix and "/", then a name of at most 63.
+_TAINT_KEY = re.compile(r"^(?:(?=.{1,253}/)[a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?"
+                        r"(?=.{1,63}$)[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,8 +160,13 @@ class NodeConfig:
     #: (SEC-04; needs NET_ADMIN): pod interface patterns, or the node's own interface.
     intercept_pod_interfaces: tuple[str, ...] = ()
     intercept_node_interface: str | None = None
+    #: Removed from this node once the agent is ready (SEC-02); empty: leave the node's taints alone.
+    startup_taint: str = DEFAULT_STARTUP_TAINT
 
     def __post_init__(self) -> None:
+        if self.startup_taint and not _TAINT_KEY.match(self.startup_taint):
+            raise ConfigError("node.startup_taint", f"{self.startup_taint!r} is not a taint key (an optional "
+                              "DNS-subdomain prefix and '/', then a name of at most 63 characters)")
         if not self.name:
             raise ConfigError("node.name", "required (the downward API's spec.nodeName, e.g. via METAEMU_NODE_NAME)")
         if not self.audience.startswith(("//", "identitynamespace:")):
@@ -269,7 +279,7 @@ TOP_KEYS = frozenset({"listen", "admin_listen", "profile", "log_level", "project
 NODE_KEYS = frozenset({"name", "audience", "service_account_annotation", "token_expiration_seconds",
                        "host_network", "kubeconfig", "host_addresses", "scopes", "token_lifetime_seconds",
                        "rate_limit_per_second", "rate_limit_burst", "max_concurrent_requests",
-                       "intercept_pod_interfaces", "intercept_node_interface"})
+                       "intercept_pod_interfaces", "intercept_node_interface", "startup_taint"})
 INSTANCE_KEYS = frozenset({"id", "zone", "hostname", "name", "attributes", "tags"})
 WORKLOAD_IDENTITY_KEYS = frozenset({"audience", "service_account", "scopes", "token_lifetime_seconds", "source",
                                     "credential_config"})
@@ -405,6 +415,8 @@ def _parse_node(raw: Mapping[str, Any], *, base_dir: Path) -> NodeConfig:
         max_concurrent_requests=_int(raw, "max_concurrent_requests", 500, p),
         intercept_pod_interfaces=_str_list(raw, "intercept_pod_interfaces", p + "intercept_pod_interfaces"),
         intercept_node_interface=_opt_str(raw, "intercept_node_interface", p),
+        # Absent: the default taint; null or "": none (nothing to remove, no access to nodes needed).
+        startup_taint=(_opt_str(raw, "startup_taint", p) or "") if "startup_taint" in raw else DEFAULT_STARTUP_TAINT,
     )
 
 

@@ -200,6 +200,20 @@ def node_raw() -> dict[str, Any]:
     return {"mode": "node", "project_id": "p", "numeric_project_id": "1", "node": {"name": "n", "audience": AUD}}
 
 
+def test_node_startup_taint_defaults_on_and_turns_off_with_empty_or_null() -> None:
+    node = parse(node_raw()).node
+    assert node is not None and node.startup_taint == "metaemu.dev/agent-not-ready"
+    for off in ("", None):
+        raw = node_raw()
+        raw["node"]["startup_taint"] = off
+        node = parse(raw).node
+        assert node is not None and node.startup_taint == ""
+    raw = node_raw()
+    raw["node"]["startup_taint"] = "example.com/not-ready"
+    node = parse(raw).node
+    assert node is not None and node.startup_taint == "example.com/not-ready"
+
+
 @pytest.mark.parametrize(
     ("mutate", "key"),
     [
@@ -207,6 +221,9 @@ def node_raw() -> dict[str, Any]:
         (lambda r: r["node"].update(token_expiration_seconds=60), "node.token_expiration_seconds"),
         (lambda r: r["node"].update(host_network="allow"), "node.host_network"),
         (lambda r: r["node"].update(surprise=1), "node.surprise"),
+        (lambda r: r["node"].update(startup_taint="not a/taint/key"), "node.startup_taint"),
+        (lambda r: r["node"].update(startup_taint="x" * 64), "node.startup_taint"),
+        (lambda r: r["node"].update(startup_taint=["a"]), "node.startup_taint"),
         (lambda r: r.update(workload_identity={"audience": AUD}), "workload_identity"),
         (lambda r: r.update(mode="cluster"), "mode"),
     ],

@@ -32,6 +32,7 @@ from metaemu.pods.identity import IdentityKey, IdentityResolver, PodIdentity, Re
 from metaemu.pods.kube_client import KubeClient, KubeConnection
 from metaemu.pods.pod_metrics import create_pod_metrics
 from metaemu.pods.service_accounts import ServiceAccountCache
+from metaemu.pods.startup_taint import create_startup_taint_metrics, startup_taint_clearer
 from metaemu.pods.stream import KubeHttp
 from metaemu.pods.token_source import PodTokenSource
 from metaemu.pods.watch import PodIndex, PodWatcher
@@ -83,6 +84,7 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self._rule = _interception_rule(config)
         self._rule_metrics = create_interception_metrics(metrics.registry) if self._rule else None
+        self._taint_metrics = create_startup_taint_metrics(metrics.registry) if self._node.startup_taint else None
 
     def ready(self) -> str | None:
         """SEC-37: the pod watch has synced and, when the agent keeps the rules, they are in place."""
@@ -139,13 +141,18 @@ class NodeAgent:
                 log.exception("principal sweep failed")
 
     async def agent_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        """cleanup_ctx entry: the pod watcher and the principal sweeper, as named tasks."""
+        """cleanup_ctx entry: the pod watcher, the principal sweeper and, when configured, the
+        interception reconciler and the startup-taint clearer, as named tasks."""
         tasks = [asyncio.create_task(self._watcher.pod_watcher(), name="pod_watcher"),
                  asyncio.create_task(self.principal_sweeper(), name="principal_sweeper")]
         if self._rule is not None and self._rule_metrics is not None:
             tasks.append(asyncio.create_task(interception_reconciler(
                 self._rule, clock=self._clock, stop_event=self._stop, metrics=self._rule_metrics),
                 name="interception_reconciler"))
+        if self._taint_metrics is not None:  # SEC-02: only once ready() holds
+            tasks.append(asyncio.create_task(startup_taint_clearer(
+                self.kube, node=self._node.name, key=self._node.startup_taint, ready=self.ready, clock=self._clock,
+                metrics=self._taint_metrics, stop_event=self._stop), name="startup_taint_clearer"))
         try:
             yield
         finally:

@@ -2,8 +2,9 @@
 
 Owns where the API server is and how to authenticate (``KubeConnection``: in-cluster service-account
 token and CA, or a kubeconfig for tests), the bearer token re-read from its file (kubelet rotates it),
-and the five calls node mode makes: list pods by field selector, watch pods from a resourceVersion,
-get a service account, and create a TokenRequest (upstream.md §6). Every failure is an
+and the calls node mode makes: list pods by field selector, watch pods from a resourceVersion,
+get a service account, create a TokenRequest (upstream.md §6), and read and JSON-patch this node's
+taints (the startup taint, SEC-02). Every failure is an
 ``UpstreamError`` with ``service="k8s"`` that keeps the HTTP status and the decoded ``Status`` body;
 a watch that has fallen out of the history window surfaces as ``status == 410`` whether the server
 answered 410 or sent an ``ERROR`` event with code 410.
@@ -250,6 +251,25 @@ class KubeClient:
         except ValueError as exc:
             raise self._malformed(url, f"a TokenRequest with status.expirationTimestamp ({exc})") from None
         return KubeToken(value=token, expiry=expiry)
+
+    async def get_node_taints(self, name: str) -> list[dict[str, Any]]:
+        """``spec.taints`` of node ``name``, as the API server returned them (empty when unset)."""
+        url = self._url(f"/api/v1/nodes/{_segment(name)}")
+        body = await self._call(HttpRequest(method="GET", url=url, headers=await self._headers(),
+                                            timeout_s=self._timeout_s))
+        spec = body.get("spec", {})
+        taints = spec.get("taints", []) if isinstance(spec, dict) else None
+        if not isinstance(taints, list) or not all(isinstance(t, dict) for t in taints):
+            raise self._malformed(url, "a Node with a list of spec.taints")
+        return taints
+
+    async def patch_node(self, name: str, operations: Sequence[Mapping[str, Any]]) -> None:
+        """Apply an RFC 6902 JSON patch to node ``name``. A failed ``test`` operation is an
+        ``UpstreamError`` with status 422 (409 on a resourceVersion conflict)."""
+        url = self._url(f"/api/v1/nodes/{_segment(name)}")
+        headers = {**await self._headers(), "Content-Type": "application/json-patch+json"}
+        body = json.dumps(list(operations)).encode()
+        await self._call(HttpRequest(method="PATCH", url=url, headers=headers, body=body, timeout_s=self._timeout_s))
 
     # -- plumbing ----------------------------------------------------------------------------------
 

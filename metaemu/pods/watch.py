@@ -62,7 +62,7 @@ class PodIndex:
         if not node_name or any(c in node_name for c in ",=! "):
             raise ConfigError("node.name", f"not a node name: {node_name!r}")
         self.node_name = node_name
-        self.synced = False
+        self._synced = asyncio.Event()
         self._configured_hosts = frozenset(ip for ip in map(normalize_ip, host_addresses) if ip is not None)
         self._pods: dict[_UID, PodRecord] = {}
         self._by_ip: dict[str, set[_UID]] = {}
@@ -72,6 +72,17 @@ class PodIndex:
 
     def __len__(self) -> int:
         return len(self._pods)
+
+    @property
+    def synced(self) -> bool:
+        """True once a full list has been indexed; it never turns false again."""
+        return self._synced.is_set()
+
+    def mark_synced(self) -> None:
+        self._synced.set()
+
+    async def wait_synced(self) -> None:
+        await self._synced.wait()
 
     # -- queries -----------------------------------------------------------------------------------
 
@@ -220,7 +231,7 @@ class PodWatcher:
         self._index.replace(listing.pods)
         self._resource_version = listing.resource_version
         self._need_list = False
-        self._index.synced = True
+        self._index.mark_synced()
         self._metrics.watch_synced.set(1)
         log.info("pod index synced: %d pods on node %s", len(self._index), self._index.node_name)
 

@@ -1,11 +1,12 @@
 """``FakeKubernetes``: a Kubernetes API server stand-in for node mode, for tests and the demo.
 
 Owns routing, bearer authentication and a small RBAC (``list``/``watch``/``get`` pods, ``get``
-service accounts, ``create serviceaccounts/token``), TokenRequest with the API server's checks
-(``tokenrequest``), OIDC discovery and JWKS of its ``FakeIssuer`` (so ``FakeGoogle`` can trust its
-tokens), test helpers that change pods and service accounts, fault injection, and three ways to
-reach it: ``handle`` (a plain coroutine; a watch is read whole), ``client()`` (an in-process
-``HttpClient`` + ``HttpStreamClient``) and ``app()`` (aiohttp, streaming watches).
+service accounts, ``create serviceaccounts/token``, ``get``/``patch`` nodes), TokenRequest with the
+API server's checks (``tokenrequest``), JSON patches of nodes with its validation of taints,
+OIDC discovery and JWKS of its ``FakeIssuer`` (so ``FakeGoogle`` can trust its tokens), test
+helpers that change pods, nodes and service accounts, fault injection, and three ways to reach it:
+``handle`` (a plain coroutine; a watch is read whole), ``client()`` (an in-process ``HttpClient``
++ ``HttpStreamClient``) and ``app()`` (aiohttp, streaming watches).
 
 Routes::
 
@@ -13,6 +14,7 @@ Routes::
     GET  /api/v1/namespaces/{ns}/pods[...same]          GET /api/v1/namespaces/{ns}/pods/{name}
     GET  /api/v1/namespaces/{ns}/serviceaccounts/{name}
     POST /api/v1/namespaces/{ns}/serviceaccounts/{name}/token
+    GET  /api/v1/nodes/{name}     PATCH /api/v1/nodes/{name}  (application/json-patch+json only)
     GET  /.well-known/openid-configuration, /openid/v1/jwks   (no authentication)
 
 Objects, selectors, resourceVersions and watches live in ``fake_kubernetes_store``.
@@ -33,6 +35,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
+import jsonpatch
+import jsonpointer
 import yaml
 from aiohttp import web
 
@@ -59,12 +63,14 @@ from metaemu.transport import HttpRequest, HttpResponse, TransportFailure
 AGENT_USER = "system:serviceaccount:kube-system:metaemu"
 AGENT_TOKEN = "fake-kube-agent-token"
 AGENT_PERMISSIONS = frozenset({"list pods", "watch pods", "get pods", "get serviceaccounts",
-                               "create serviceaccounts/token"})
+                               "create serviceaccounts/token", "get nodes", "patch nodes"})
 #: Without ``timeoutSeconds`` the API server ends a watch after a random 30-60 min
 #: (``--min-request-timeout`` 1800 s); the fake uses the lower bound.
 DEFAULT_WATCH_TIMEOUT_S = 1800.0
 
-Endpoint = Literal["list", "watch", "get", "token", "discovery", "unknown"]
+Endpoint = Literal["list", "watch", "get", "token", "discovery", "node_get", "node_patch", "unknown"]
+_NODE = re.compile(r"^/api/v1/nodes/(?P<name>[^/]+)$")
+_TAINT_EFFECTS = frozenset({"NoSchedule", "PreferNoSchedule", "NoExecute"})
 _NAMESPACED = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<resource>pods|serviceaccounts)"
                          r"(?:/(?P<name>[^/]+)(?P<token>/token)?)?$")
 _JSON = {"Content-Type": "application/json"}
@@ -78,6 +84,16 @@ class RecordedCall:
     query: Mapping[str, str]
     #: The authenticated user name; None without (valid) credentials.
     user: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordedNodePatch:
+    node: str
+    user: str
+    operations: Any
+    #: The fake's ``clock.time()`` when the patch was applied; None when it was refused.
+    applied_at: float | None
+    status: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,6 +124,8 @@ class FakeKubernetes:
         self._tokens = TokenRequestHandler(store=self.store, issuer=self.issuer, clock=self.clock)
         self._faults = FaultInjector()
         self._outage: Literal["refuse", "error"] | None = None
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.node_patches: list[RecordedNodePatch] = []
 
     @property
     def token_requests(self) -> list[RecordedTokenRequest]:
@@ -154,10 +172,25 @@ class FakeKubernetes:
     def delete_service_account(self, namespace: str, name: str) -> None:
         self.store.service_accounts.pop((namespace, name), None)
 
+    def add_node(self, name: str, *, taints: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
+        """Create (or replace) node ``name`` with ``taints`` (``{"key", "effect", "value"?}``)."""
+        self.store.resource_version += 1
+        spec: dict[str, Any] = {"taints": [dict(t) for t in taints]} if taints else {}
+        self.nodes[name] = {"kind": "Node", "apiVersion": "v1", "spec": spec, "status": {},
+                            "metadata": {"name": name, "uid": str(uuid.uuid4()), "labels": {},
+                                         "resourceVersion": str(self.store.resource_version)}}
+        return self.nodes[name]
+
+    def node_taints(self, name: str) -> list[dict[str, Any]]:
+        taints: list[dict[str, Any]] = self.nodes[name]["spec"].get("taints", [])
+        return taints
+
     def add_pod(self, namespace: str, name: str, *, node: str, ips: Iterable[str] = (),
                 service_account: str = "default", host_network: bool = False, phase: str = "Running",
                 uid: str | None = None) -> dict[str, Any]:
-        """Create a pod (and its service account when missing); returns the stored object."""
+        """Create a pod (and its node and service account when missing); returns the stored object."""
+        if node not in self.nodes:
+            self.add_node(node)
         if (namespace, service_account) not in self.store.service_accounts:
             self.add_service_account(namespace, service_account)
         return self.store.put_pod(pod_object(
@@ -302,8 +335,8 @@ class FakeKubernetes:
     async def _dispatch(self, route: _Route, query: Mapping[str, str], user: tuple[str, set[str]],
                         request: HttpRequest) -> HttpResponse | _Watch:
         name, permissions = user
-        verb = {"list": "list pods", "watch": "watch pods", "token": "create serviceaccounts/token"}.get(
-            route.endpoint, f"get {route.resource}")
+        verb = {"list": "list pods", "watch": "watch pods", "token": "create serviceaccounts/token",
+                "node_patch": "patch nodes"}.get(route.endpoint, f"get {route.resource}")
         if route.endpoint == "unknown":
             return _reply(404, status(404, "NotFound", "the server could not find the requested resource"))
         if verb not in permissions:
@@ -316,6 +349,11 @@ class FakeKubernetes:
             return _reply(code, body)
         if route.endpoint == "get":
             return self._get(route)
+        if route.endpoint == "node_get":
+            node = self.nodes.get(route.name)
+            return _reply(200, node) if node else _node_not_found(route.name)
+        if route.endpoint == "node_patch":
+            return self._patch_node(route.name, user=name, request=request)
         try:
             selector = FieldSelector.parse(query.get("fieldSelector", ""))
         except SelectorError as exc:
@@ -336,6 +374,43 @@ class FakeKubernetes:
             return _reply(404, status(404, "NotFound", f'{route.resource} "{route.name}" not found',
                                       name=route.name, kind=route.resource))
         return _reply(200, obj)
+
+    def _patch_node(self, name: str, *, user: str, request: HttpRequest) -> HttpResponse:
+        """An RFC 6902 JSON patch, applied whole or not at all, as the API server does: a failed
+        ``test`` or a bad path is 422; the result must still be a valid node."""
+        node = self.nodes.get(name)
+        if node is None:
+            return _node_not_found(name)
+        media_type = (get_header(request, "Content-Type") or "").split(";")[0].strip()
+        try:
+            operations = json.loads(request.body)
+        except ValueError:
+            operations = None
+        code, problem = 200, ""
+        if media_type != "application/json-patch+json":  # the fake implements only this patch type
+            code, problem = 415, f"the body of the request was in an unknown format - accepted media types " \
+                                 f"include: application/json-patch+json (got {media_type!r})"
+        elif not isinstance(operations, list):
+            code, problem = 400, "the JSON patch is not a list of operations"
+        else:
+            try:
+                patched = jsonpatch.apply_patch(node, operations)
+            except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+                code, problem = 422, str(exc)
+            else:
+                problem = _node_problem(patched, node)
+                code = 422 if problem else 200
+        if code != 200:
+            self.node_patches.append(RecordedNodePatch(node=name, user=user, operations=operations, applied_at=None,
+                                                       status=code))
+            reason = {400: "BadRequest", 415: "UnsupportedMediaType", 422: "Invalid"}[code]
+            return _reply(code, status(code, reason, problem))
+        self.store.resource_version += 1
+        patched["metadata"]["resourceVersion"] = str(self.store.resource_version)
+        self.nodes[name] = patched
+        self.node_patches.append(RecordedNodePatch(node=name, user=user, operations=operations,
+                                                   applied_at=self.clock.time(), status=200))
+        return _reply(200, patched)
 
     def _discovery(self, request: HttpRequest) -> HttpResponse:
         if urlsplit(request.url).path == JWKS_PATH:
@@ -389,6 +464,9 @@ def _route(request: HttpRequest) -> _Route:
     watching = query.get("watch") in ("1", "true")
     if request.method == "GET" and path in (DISCOVERY_PATH, JWKS_PATH):
         return _Route(endpoint="discovery")
+    if (node := _NODE.match(path)) and request.method in ("GET", "PATCH"):
+        return _Route(endpoint="node_get" if request.method == "GET" else "node_patch", resource="nodes",
+                      name=node["name"])
     if request.method == "GET" and path == "/api/v1/pods":
         return _Route(endpoint="watch" if watching else "list", resource="pods")
     match = _NAMESPACED.match(path)
@@ -402,6 +480,25 @@ def _route(request: HttpRequest) -> _Route:
     if request.method == "GET" and not name and resource == "pods":
         return _Route(endpoint="watch" if watching else "list", namespace=ns, resource=resource)
     return _Route(endpoint="unknown")
+
+
+def _node_not_found(name: str) -> HttpResponse:
+    return _reply(404, status(404, "NotFound", f'nodes "{name}" not found', name=name, kind="nodes"))
+
+
+def _node_problem(patched: Any, old: Mapping[str, Any]) -> str:
+    """What the API server's validation would reject in a patched node ('' when valid)."""
+    meta = patched.get("metadata") if isinstance(patched, dict) else None
+    if not isinstance(meta, dict) or (meta.get("name"), meta.get("uid")) != (old["metadata"]["name"],
+                                                                              old["metadata"]["uid"]):
+        return "metadata.name and metadata.uid are immutable"
+    taints = patched.get("spec", {}).get("taints", [])
+    if not isinstance(taints, list):
+        return "spec.taints must be a list"
+    for i, taint in enumerate(taints):
+        if not isinstance(taint, dict) or not taint.get("key") or taint.get("effect") not in _TAINT_EFFECTS:
+            return f"spec.taints[{i}]: a taint needs a key and an effect of {sorted(_TAINT_EFFECTS)}"
+    return ""
 
 
 def _reply(code: int, body: Any) -> HttpResponse:

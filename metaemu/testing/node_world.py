@@ -9,6 +9,8 @@ A control API on loopback (inside that namespace) lets the test change the clust
     POST   /pods                    {"namespace", "name", "service_account", "ip", "gsa"?, "host_network"?}
     DELETE /pods/{namespace}/{name}?grace=1   (grace: only mark terminating)
     GET    /token-info?token=...    what the Google stand-in knows of an access token (its email)
+    GET    /node                    the node's taints, when metaemu's pod watch synced and when its
+                                    startup-taint patches were applied (Unix times; SEC-02)
 
 ``python -m metaemu.testing.node_world --listen ADDR:PORT --control-port N --node NAME`` prints
 ``READY`` once metaemu's pod watch has synced, and stops cleanly on SIGTERM.
@@ -21,6 +23,7 @@ import asyncio
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from aiohttp import web
 
 from metaemu.config import parse_config
 from metaemu.logs import setup_logging
+from metaemu.pods.agent import NodeAgent
 from metaemu.server.runner import MetaemuServer
 from metaemu.testing.fake_google import FakeGoogle
 from metaemu.testing.fake_google_sts import WorkloadIdentityProvider
@@ -36,6 +40,8 @@ from metaemu.testing.fake_kubernetes import FakeKubernetes
 from metaemu.testing.world import AUDIENCE, CLUSTER_ISSUER, PROJECT_ID, PROJECT_NUMBER
 
 GSA_ANNOTATION = "iam.gke.io/gcp-service-account"
+#: The node registers with it, as the README's install guide asks; metaemu removes it once ready.
+STARTUP_TAINT = {"key": "metaemu.dev/agent-not-ready", "value": "true", "effect": "NoSchedule"}
 
 
 class NodeWorld:
@@ -45,6 +51,7 @@ class NodeWorld:
         self.google = FakeGoogle()
         self.google.add_provider(WorkloadIdentityProvider(audience=AUDIENCE, issuer=CLUSTER_ISSUER,
                                                           jwks=self.kube.issuer.jwks()))
+        self.watch_synced_at: float | None = None
 
     def add_pod(self, spec: dict[str, Any]) -> None:
         namespace, sa = str(spec["namespace"]), str(spec.get("service_account", "default"))
@@ -73,7 +80,13 @@ class NodeWorld:
             return web.json_response({"email": info.email if info else None,
                                       "principal": info.principal if info else None})
 
+        async def node(request: web.Request) -> web.Response:
+            return web.json_response({
+                "taints": self.kube.node_taints(self.node_name), "watch_synced_at": self.watch_synced_at,
+                "patches": [{"status": p.status, "applied_at": p.applied_at} for p in self.kube.node_patches]})
+
         app = web.Application()
+        app.router.add_get("/node", node)
         app.router.add_post("/pods", add)
         app.router.add_delete("/pods/{ns}/{name}", delete)
         app.router.add_get("/token-info", token_info)
@@ -83,6 +96,7 @@ class NodeWorld:
 async def serve(*, listen: str, admin_listen: str, control_port: int, node_name: str,
                 host_addresses: list[str], intercept_pod_interfaces: list[str]) -> None:
     world = NodeWorld(node_name=node_name)
+    world.kube.add_node(node_name, taints=[STARTUP_TAINT])
     runners = []
     for app, port in ((world.kube.app(), 0), (world.control_app(), control_port)):
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)  # watch streams stay open
@@ -104,12 +118,21 @@ async def serve(*, listen: str, admin_listen: str, control_port: int, node_name:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await server.start()
+        agent = server.components.contexts
+        assert isinstance(agent, NodeAgent)
+
+        async def record_sync() -> None:
+            await agent.index.wait_synced()
+            world.watch_synced_at = time.time()
+
+        recorder = asyncio.create_task(record_sync())
         try:
             while server.components.contexts.ready() is not None and not stop.is_set():  # noqa: ASYNC110
                 await asyncio.sleep(0.02)  # polls the watch's first list (no event is exposed for it)
             print("READY", flush=True)
             await stop.wait()
         finally:
+            recorder.cancel()
             await server.stop()
             for runner in reversed(runners):
                 await runner.cleanup()

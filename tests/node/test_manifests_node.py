@@ -70,13 +70,17 @@ def config() -> dict[str, Any]:
     return data
 
 
-def policy() -> dict[str, Any]:
-    return one(NODE, "ValidatingAdmissionPolicy")
+TOKEN_POLICY = "metaemu-token-request"
+TAINT_POLICY = "metaemu-node-taint"
 
 
-def policy_variable(name: str) -> Any:
-    """A policy variable, evaluated (they are constants: the audience and the lifetime)."""
-    (expression,) = [v["expression"] for v in policy()["spec"]["variables"] if v["name"] == name]
+def policy(name: str = TOKEN_POLICY) -> dict[str, Any]:
+    return one(NODE, "ValidatingAdmissionPolicy", name)
+
+
+def policy_variable(name: str, policy_name: str = TOKEN_POLICY) -> Any:
+    """A constant policy variable, evaluated (the audience, the lifetime, the taint key)."""
+    (expression,) = [v["expression"] for v in policy(policy_name)["spec"]["variables"] if v["name"] == name]
     return evaluate(expression, {})  # a celtypes value: StringType is a str, IntType an int
 
 
@@ -114,7 +118,7 @@ def test_node_kustomizations_render_and_validate_strictly(directory: Path, versi
 def test_the_core_install_needs_no_prometheus_operator() -> None:
     kinds = sorted(r["kind"] for r in render(NODE))
     assert kinds == sorted(["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap",
-                            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "DaemonSet"])
+                            *["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 2, "DaemonSet"])
     # The agent's namespace needs the privileged Pod Security level (hostNetwork, NET_ADMIN).
     assert one(NODE, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
 
@@ -247,7 +251,7 @@ def test_the_embedded_config_is_node_mode() -> None:
     cfg = config()
     assert cfg["mode"] == "node"
     assert set(cfg["node"]) == {"name", "audience", "service_account_annotation", "token_expiration_seconds",
-                                "host_network"}
+                                "host_network", "startup_taint"}
     assert cfg["node"]["service_account_annotation"] == "iam.gke.io/gcp-service-account"
     assert cfg["node"]["host_network"] == "deny"
     assert cfg["node"]["audience"].startswith("//iam.googleapis.com/projects/")
@@ -270,13 +274,14 @@ def test_the_embedded_config_loads_with_the_daemonsets_environment(tmp_path: Pat
 # ---------------------------------------------------------------- RBAC
 
 
-def test_rbac_is_pods_and_service_accounts_read_and_token_create_only() -> None:
+def test_rbac_is_pods_and_service_accounts_read_token_create_and_node_patch_only() -> None:
     role = one(NODE, "ClusterRole", "metaemu-node")
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): sorted(r["verbs"]) for r in role["rules"]}
     assert rules == {
         (("",), ("pods",)): ["get", "list", "watch"],
         (("",), ("serviceaccounts",)): ["get", "list", "watch"],
         (("",), ("serviceaccounts/token",)): ["create"],
+        (("",), ("nodes",)): ["get", "patch"],  # the startup taint only: see the metaemu-node-taint policy
     }
     binding = one(NODE, "ClusterRoleBinding", "metaemu-node")
     account = one(NODE, "ServiceAccount", "metaemu")
@@ -298,8 +303,8 @@ def test_the_admission_policy_matches_the_agents_token_requests_and_denies() -> 
     assert spec["matchConstraints"]["resourceRules"] == [
         {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["serviceaccounts/token"]}]
     assert [c["expression"] for c in spec["matchConditions"]] == [f"request.userInfo.username == '{AGENT_USER}'"]
-    binding = one(NODE, "ValidatingAdmissionPolicyBinding")["spec"]
-    assert binding == {"policyName": policy()["metadata"]["name"], "validationActions": ["Deny"]}
+    binding = one(NODE, "ValidatingAdmissionPolicyBinding", TOKEN_POLICY)["spec"]
+    assert binding == {"policyName": TOKEN_POLICY, "validationActions": ["Deny"]}
 
 
 def test_the_policy_allows_what_the_config_asks_for() -> None:
@@ -325,16 +330,18 @@ def evaluate(expression: str, activation: Mapping[str, Any]) -> Any:
 
 
 def admit(token_request: Mapping[str, Any], *, username: str = AGENT_USER) -> Decision:
-    """What the API server decides for a TokenRequest under the shipped policy: matchConditions
-    (false → not matched; error → failurePolicy), then the variables, then every validation
-    (false, non-boolean or error → denied)."""
-    spec = policy()["spec"]
-    assert spec["failurePolicy"] == "Fail"
+    """What the API server decides for a TokenRequest under the shipped token policy."""
     request = {"operation": "CREATE", "userInfo": {"username": username},
                "resource": {"group": "", "version": "v1", "resource": "serviceaccounts"}, "subResource": "token",
                "namespace": token_request["metadata"]["namespace"], "name": token_request["metadata"]["name"]}
-    activation: dict[str, Any] = {"object": json_to_cel(dict(token_request)),
-                                  "request": json_to_cel(request)}
+    return decide(policy(TOKEN_POLICY), {"object": json_to_cel(dict(token_request)), "request": json_to_cel(request)})
+
+
+def decide(shipped: Mapping[str, Any], activation: dict[str, Any]) -> Decision:
+    """What the API server decides under ``shipped``: matchConditions (false → not matched; error →
+    failurePolicy), then the variables, then every validation (false, non-boolean or error → denied)."""
+    spec = shipped["spec"]
+    assert spec["failurePolicy"] == "Fail"
     for condition in spec["matchConditions"]:
         try:
             matched = evaluate(condition["expression"], activation)
@@ -460,3 +467,119 @@ async def test_sec_31_the_token_request_metaemu_sends_is_allowed() -> None:
     # ... and the same request for the API server's audience would not be.
     body["spec"]["audiences"] = ["https://kubernetes.default.svc"]
     assert not admit(body).allowed
+
+
+# ---------------------------------------------------------------- the node-taint policy (SEC-02)
+
+NODE_NAME_CLAIM = "authentication.kubernetes.io/node-name"
+STARTUP = {"key": "metaemu.dev/agent-not-ready", "value": "true", "effect": "NoSchedule"}
+OTHER = {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}
+
+
+def node_object(name: str = "node-a", *, taints: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"podCIDR": "10.1.0.0/24"}
+    if taints is not None:
+        spec["taints"] = taints
+    obj: dict[str, Any] = {"apiVersion": "v1", "kind": "Node", "spec": spec,
+                           "metadata": {"name": name, "uid": "6f1c7b0a-0d1e-4c3b-9a8e-1f2a3b4c5d6e",
+                                        "labels": {"kubernetes.io/hostname": name},
+                                        "annotations": {"node.alpha/ttl": "0"}}}
+    for key, value in extra.items():
+        obj["metadata"][key] = value
+    return obj
+
+
+def admit_node_update(old: Mapping[str, Any], new: Mapping[str, Any], *, username: str = AGENT_USER,
+                      node_name: str | None = "node-a") -> Decision:
+    """The API server's decision on an update of a Node under the shipped metaemu-node-taint policy;
+    ``node_name`` is the node-name claim of the caller's pod-bound token (None: no claim)."""
+    extra = {NODE_NAME_CLAIM: [node_name]} if node_name is not None else {}
+    request = {"operation": "UPDATE", "userInfo": {"username": username, "extra": extra},
+               "resource": {"group": "", "version": "v1", "resource": "nodes"}, "name": new["metadata"]["name"]}
+    return decide(policy(TAINT_POLICY), {"object": json_to_cel(dict(new)), "oldObject": json_to_cel(dict(old)),
+                                         "request": json_to_cel(request)})
+
+
+def test_the_node_taint_policy_matches_the_agents_node_updates_and_denies() -> None:
+    spec = policy(TAINT_POLICY)["spec"]
+    assert spec["matchConstraints"]["resourceRules"] == [
+        {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"], "resources": ["nodes"]}]
+    assert [c["expression"] for c in spec["matchConditions"]] == [f"request.userInfo.username == '{AGENT_USER}'"]
+    binding = one(NODE, "ValidatingAdmissionPolicyBinding", TAINT_POLICY)["spec"]
+    assert binding == {"policyName": TAINT_POLICY, "validationActions": ["Deny"]}
+    assert policy_variable("startupTaint", TAINT_POLICY) == config()["node"]["startup_taint"] == STARTUP["key"]
+
+
+def test_sec_02_removing_the_startup_taint_from_its_own_node_is_allowed() -> None:
+    old = node_object(taints=[OTHER, STARTUP])
+    assert admit_node_update(old, node_object(taints=[OTHER])) == Decision(allowed=True, matched=True)
+    assert admit_node_update(node_object(taints=[STARTUP]), node_object(taints=[])).allowed
+    assert admit_node_update(node_object(taints=[STARTUP]), node_object()).allowed  # taints dropped entirely
+
+
+def test_sec_02_another_node_or_a_token_without_a_node_claim_is_denied() -> None:
+    old, new = node_object("node-b", taints=[STARTUP]), node_object("node-b", taints=[])
+    own_node_only = ("metaemu may change only the node it runs on",)
+    assert admit_node_update(old, new).reasons == own_node_only  # the agent of node-a
+    assert admit_node_update(old, new, node_name=None).reasons == own_node_only  # a token bound to no node
+    assert admit_node_update(old, new, node_name="node-b").allowed
+
+
+def uncordoned() -> dict[str, Any]:
+    new = node_object(taints=[OTHER])
+    new["spec"]["unschedulable"] = False
+    return new
+
+
+@pytest.mark.parametrize(("change", "new"), [
+    ("removes another taint", node_object(taints=[STARTUP])),
+    ("adds a taint", node_object(taints=[OTHER, STARTUP, {"key": "evil", "effect": "NoExecute"}])),
+    ("removes the startup taint and another", node_object(taints=[])),
+    ("cordons", {**node_object(taints=[OTHER]), "spec": {"podCIDR": "10.1.0.0/24", "taints": [OTHER],
+                                                         "unschedulable": True}}),
+    ("relabels", node_object(taints=[OTHER], labels={"kubernetes.io/hostname": "node-a", "gpu": "true"})),
+    ("annotates", node_object(taints=[OTHER], annotations={})),
+    ("adds a finalizer", node_object(taints=[OTHER], finalizers=["example.com/hold"])),
+    ("adds an owner", node_object(taints=[OTHER], ownerReferences=[{"apiVersion": "v1", "kind": "Pod", "name": "x",
+                                                                    "uid": "1"}])),
+], ids=lambda v: v.replace(" ", "_") if isinstance(v, str) else "")
+def test_sec_02_any_other_change_to_a_node_is_denied(change: str, new: dict[str, Any]) -> None:
+    decision = admit_node_update(node_object(taints=[OTHER, STARTUP]), new)
+    assert not decision.allowed, change
+    assert decision.reasons and not any("error" in r for r in decision.reasons), decision  # denied, not broken
+
+
+def test_sec_02_uncordoning_while_removing_the_taint_is_denied() -> None:
+    old = node_object(taints=[OTHER, STARTUP])
+    old["spec"]["unschedulable"] = True
+    assert not admit_node_update(old, uncordoned()).allowed
+    kept = uncordoned()
+    kept["spec"]["unschedulable"] = True
+    assert admit_node_update(old, kept).allowed
+
+
+def test_sec_02_other_users_node_updates_are_not_matched() -> None:
+    old, new = node_object(taints=[OTHER, STARTUP]), node_object(taints=[])
+    for username in ("system:node:node-a", "system:serviceaccount:kube-system:node-controller", "admin"):
+        assert admit_node_update(old, new, username=username) == Decision(allowed=True, matched=False), username
+
+
+async def test_sec_02_the_patch_metaemu_sends_is_allowed_and_removes_only_the_startup_taint() -> None:
+    """``clear_startup_taint`` against the Kubernetes stand-in (RFC 6902 applied with jsonpatch);
+    the node before and after is what the policy sees."""
+    from metaemu.metrics import create_metrics
+    from metaemu.pods.kube_client import KubeClient, KubeConnection
+    from metaemu.pods.startup_taint import clear_startup_taint
+    from metaemu.testing.fake_clock import FakeClock
+    from metaemu.testing.fake_kubernetes import AGENT_TOKEN, FakeKubernetes
+
+    clock = FakeClock()
+    fake = FakeKubernetes(clock=clock)
+    before = json.loads(json.dumps(fake.add_node("node-a", taints=[OTHER, STARTUP])))
+    transport = fake.client(clock=clock)
+    kube = KubeClient(connection=KubeConnection(server="https://kubernetes.test:443", token=AGENT_TOKEN),
+                      http=transport, stream=transport, clock=clock, metrics=create_metrics())
+    assert await clear_startup_taint(kube, node="node-a", key=config()["node"]["startup_taint"])
+    after = fake.nodes["node-a"]
+    assert after["spec"]["taints"] == [OTHER]
+    assert admit_node_update(before, after) == Decision(allowed=True, matched=True)

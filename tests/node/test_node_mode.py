@@ -257,3 +257,32 @@ async def test_sec40_after_a_scripted_run_the_node_metrics_exist(node: Node) -> 
     assert m("metaemu_rate_limited_total") >= 1
     assert m("metaemu_pod_watch_synced") == 1
     assert m("metaemu_build_info", version=__version__) == 1
+
+
+STARTUP_TAINT = {"key": "metaemu.dev/agent-not-ready", "value": "true", "effect": "NoSchedule"}
+
+
+async def test_sec02_the_agent_clears_only_its_own_nodes_startup_taint_once_ready(tmp_path: Path) -> None:
+    world = NodeWorld(node_name=NODE)
+    world.kube.add_node(NODE, taints=[STARTUP_TAINT])
+    world.kube.add_node("node-2", taints=[STARTUP_TAINT])
+    world.add_pod({"namespace": "a", "name": "p1", "service_account": "sa1", "ip": P1, "gsa": GSA1})
+    async with started_node(tmp_path, world) as node:  # returns once ready() holds
+        await node.watch_sees("the taint removed", lambda: world.kube.node_taints(NODE) == [])
+        [patch] = world.kube.node_patches
+        assert patch.node == NODE and patch.status == 200
+        assert world.kube.node_taints("node-2") == [STARTUP_TAINT]
+        assert node.metric("metaemu_startup_taint_cleared") == 1
+        assert node.metric("metaemu_pod_watch_synced") == 1
+
+
+async def test_sec02_without_a_startup_taint_configured_nodes_are_never_read(tmp_path: Path) -> None:
+    world = NodeWorld(node_name=NODE)
+    world.kube.add_node(NODE, taints=[STARTUP_TAINT])
+    world.add_pod({"namespace": "a", "name": "p1", "service_account": "sa1", "ip": P1, "gsa": GSA1})
+    async with started_node(tmp_path, world, startup_taint="") as node:
+        await node.token(P1)
+        assert "startup_taint_clearer" not in {t.get_name() for t in asyncio.all_tasks()}
+        assert world.kube.calls["node_get"] == world.kube.calls["node_patch"] == 0
+        assert world.kube.node_taints(NODE) == [STARTUP_TAINT]
+        assert node.metric("metaemu_startup_taint_cleared") == 0
