@@ -21,7 +21,7 @@ from tests.helpers import SA_PATH, Mds, running_server
 
 MONITORING = Path(__file__).resolve().parents[1] / "manifests/monitoring"
 #: Exported only in node mode (issue #4); the alerts on them are written ahead of it.
-NODE_MODE_METRICS = {"metaemu_rate_limited_total", "metaemu_pod_watch_synced"}
+NODE_MODE_METRICS = {"metaemu_rate_limited_total", "metaemu_pod_watch_synced", "metaemu_startup_taint_cleared"}
 
 
 def rule_groups() -> list[dict[str, object]]:
