@@ -1,17 +1,23 @@
 """Node-mode interception: the netfilter rules that make pods' metadata traffic reach the agent.
 
-Owns the rule set (for the node's ``iptables``, nft or legacy backend), its idempotent, atomic
-install, the exact-match check, drift repair and the conntrack flush. Not owned here: the CLI and
-the agent's periodic reconciler (``metaemu.node_setup``), the agent's listener.
+Owns the rule set (for the node's ``iptables``/``ip6tables``, nft or legacy backend), its
+idempotent, atomic install, the exact-match check, drift repair and the conntrack flush. Not owned
+here: the tools and how they are run (``metaemu.netfilter``), the CLI and the agent's periodic
+reconciler (``metaemu.node_setup``), the agent's listener.
 
-The rules, for pod interfaces ``veth+`` and agent address ``A:P``::
+The rules, for pod interfaces ``veth+``, agent address ``A:P`` and the IPv6 metadata addresses
+``M6`` (``fd20:ce::254`` of Compute Engine, ``fd00:ec2::254`` of AWS IMDS)::
 
+    iptables
     nat    PREROUTING (first) -d 169.254.169.254/32 -i veth+ -j METAEMU-METADATA
            METAEMU-METADATA   -p tcp --dport 80 -j DNAT --to-destination A:P
     filter FORWARD, INPUT (first) -d 169.254.169.254/32 -i veth+ -j METAEMU-METADATA
            METAEMU-METADATA   -p tcp -j REJECT --reject-with tcp-reset; -j REJECT (port unreachable)
            INPUT (first)      -d A/32 -p tcp --dport P -j METAEMU-AGENT
            METAEMU-AGENT      -i lo -j RETURN; -i veth+ -j RETURN; -p tcp -j REJECT --reject-with tcp-reset
+    ip6tables
+    filter FORWARD, INPUT (first) -d M6/128 -i veth+ -j METAEMU-METADATA    (one per address)
+           METAEMU-METADATA   -p tcp -j REJECT --reject-with tcp-reset; -j REJECT (icmp6-port-unreachable)
 
 - Only packets *arriving from pods* are redirected (PREROUTING never sees locally generated
   traffic): hostNetwork processes reach 169.254.169.254 directly, as on GKE. DNAT rewrites only the
@@ -21,6 +27,13 @@ The rules, for pod interfaces ``veth+`` and agent address ``A:P``::
   (other ports, UDP, port 80 on a connection tracked before the DNAT existed) is REJECTed, so no
   pod reaches the real metadata server through this node whatever the agent is doing. DNAT'd
   packets no longer carry that destination when the filter table sees them.
+- SECURITY (SEC-06): a dual-stack pod could reach the platform's metadata server at its IPv6
+  address, so everything pods send to those is REJECTed. Blocked, not redirected: the agent
+  listens on IPv4 only; pods use 169.254.169.254 or the names resolving to it. The IPv4-mapped form
+  ``[::ffff:169.254.169.254]`` needs no rule of its own: a socket connecting to it sends IPv4
+  packets, which the IPv4 rules redirect. ``Netfilter.ipv6`` (``IPv6Mode``) decides whether the
+  IPv6 rules are managed: by default whenever the kernel has IPv6, and then a failure of
+  ``ip6tables`` fails the install like one of ``iptables`` (fail closed).
 - SECURITY (SEC-05, recommendation 1): nothing is removed when the agent stops; the DNAT then
   points at a closed port and pods get "connection refused". ``remove`` is for uninstalling only
   (kube2iam #127: a rule left after uninstall breaks pods).
@@ -30,9 +43,9 @@ The rules, for pod interfaces ``veth+`` and agent address ``A:P``::
   before it is redirected or refused; anything else is drift. (An agent that also insists on being
   first, such as Calico in insert mode, will trade places with metaemu; each repair is counted.)
 
-Each install is one ``iptables-restore --noflush`` transaction per table: repairs never open a
-window without the rules. Everything here blocks on subprocesses bounded by ``COMMAND_TIMEOUT_S``;
-the agent calls it through ``asyncio.to_thread``.
+Each install is one ``iptables-restore --noflush`` run per family, each table one transaction:
+repairs never open a window without the rules. Everything here blocks on subprocesses bounded by
+``metaemu.netfilter.COMMAND_TIMEOUT_S``; the agent calls it through ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -40,75 +53,31 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import shlex
-import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
-from metaemu.errors import ConfigError, MetaemuError
+from metaemu.errors import ConfigError
+from metaemu.netfilter import Family, InterceptionError, Netfilter, SavedTable, rule_target
 
 log = logging.getLogger(__name__)
 
 METADATA_ADDRESS = "169.254.169.254"
 METADATA_PORT = 80
+#: SEC-06 "any platform IPv6 metadata address": Compute Engine's (on VMs with IPv6)
+#: and AWS IMDS's on Nitro instances (when its IPv6 endpoint is enabled).
+IPV6_METADATA_ADDRESSES = ("fd20:ce::254", "fd00:ec2::254")
 #: Chain names (iptables allows 28 characters). The same name in nat and filter is allowed.
 METADATA_CHAIN = "METAEMU-METADATA"
 AGENT_CHAIN = "METAEMU-AGENT"
 _OUR_CHAINS = frozenset({METADATA_CHAIN, AGENT_CHAIN})
-#: Seconds to wait for the xtables lock (legacy backend; kube-proxy and CNI plugins hold it for
-#: seconds while rewriting large tables). The nft backend ignores it.
-IPTABLES_LOCK_WAIT_S = 5
+#: The tables each family's rules live in (IPv6 has no DNAT, only the block).
+_TABLES = {Family.IPV4: ("nat", "filter"), Family.IPV6: ("filter",)}
 #: Attempts of one install: a restore fails when another writer changed a chain between our read
 #: and our transaction (a ``-D`` of a rule that is gone); each retry re-reads the tables.
 INSTALL_ATTEMPTS = 3
-#: Bound on one iptables/conntrack/ip command: the lock wait plus the work (milliseconds on a
-#: normal node; seconds when rewriting tables of tens of thousands of rules).
-COMMAND_TIMEOUT_S = 30.0
 
 _INTERFACE = re.compile(r"[A-Za-z0-9_.@-]{1,15}\+?")
 _COMMENT = "metaemu node-setup"
-
-
-class InterceptionError(MetaemuError):
-    """A netfilter or iproute2 command failed. ``result`` is what it returned (``None`` when it
-    could not run). To move into ``metaemu.errors`` (MetaemuError -> InterceptionError)."""
-
-    def __init__(self, message: str, *, result: CommandResult | None = None) -> None:
-        detail = "" if result is None else f" (exit {result.returncode}: {result.stderr.strip()[-500:]})"
-        super().__init__(message + detail)
-        self.result = result
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CommandResult:
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-class CommandRunner(Protocol):
-    def run(self, argv: Sequence[str], *, stdin: str | None = None) -> CommandResult:
-        """Run ``argv`` to completion; raises ``InterceptionError`` only if it cannot run or times out."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SubprocessRunner:
-    """Runs commands as subprocesses, after ``prefix`` (e.g. ``nsenter --net=PATH`` to act on
-    another network namespace), each bounded by ``timeout_s``. Blocking."""
-
-    prefix: tuple[str, ...] = ()
-    timeout_s: float = COMMAND_TIMEOUT_S
-
-    def run(self, argv: Sequence[str], *, stdin: str | None = None) -> CommandResult:
-        full = (*self.prefix, *argv)
-        try:
-            done = subprocess.run(full, input=stdin, capture_output=True, text=True, timeout=self.timeout_s,
-                                  check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise InterceptionError(f"cannot run {argv[0]}: {exc}") from exc
-        return CommandResult(argv=full, returncode=done.returncode, stdout=done.stdout, stderr=done.stderr)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,6 +88,7 @@ class InterceptionRule:
     ``cni0``) and ``node_interface`` (every interface but this one is a pod's: ``eth0`` for the
     AWS VPC CNI) must be given. ``target_address:target_port`` is where the agent listens: a
     node-local, non-loopback address (GKE uses 169.254.169.252; the simulated node 169.254.20.1).
+    ``ipv6_metadata_addresses`` are blocked for pods (SEC-06).
     """
 
     target_address: str
@@ -127,6 +97,7 @@ class InterceptionRule:
     node_interface: str | None = None
     metadata_address: str = METADATA_ADDRESS
     metadata_port: int = METADATA_PORT
+    ipv6_metadata_addresses: tuple[str, ...] = IPV6_METADATA_ADDRESSES
 
     def __post_init__(self) -> None:
         target = _ipv4("target_address", self.target_address)
@@ -150,6 +121,7 @@ class InterceptionRule:
                                   "characters, a trailing + matches a prefix)")
         if self.node_interface is not None and self.node_interface.endswith("+"):
             raise ConfigError("node_interface", "must be one interface, not a pattern")
+        _ipv6_metadata(self.ipv6_metadata_addresses)
 
     @property
     def target(self) -> str:
@@ -161,6 +133,18 @@ def _ipv4(key: str, value: str) -> ipaddress.IPv4Address:
         return ipaddress.IPv4Address(value)
     except ValueError as exc:
         raise ConfigError(key, f"{value!r} is not an IPv4 address") from exc
+
+
+def _ipv6_metadata(values: tuple[str, ...]) -> None:
+    if not values:
+        raise ConfigError("ipv6_metadata_addresses", "required: the platforms' IPv6 metadata addresses (SEC-06)")
+    for value in values:
+        try:
+            address = ipaddress.IPv6Address(value)
+        except ValueError as exc:
+            raise ConfigError("ipv6_metadata_addresses", f"{value!r} is not an IPv6 address") from exc
+        if address.ipv4_mapped is not None:  # such a destination is IPv4 on the wire
+            raise ConfigError("ipv6_metadata_addresses", f"{value} is IPv4-mapped: the IPv4 rules cover it")
 
 
 # -- rendering ------------------------------------------------------------------------------
@@ -176,17 +160,18 @@ def _comment(why: str) -> tuple[str, ...]:
     return ("-m", "comment", "--comment", f"{_COMMENT}: {why}")
 
 
-def _desired(rule: InterceptionRule) -> dict[str, _TableRules]:
-    """The rule set by table. Tokens are what ``iptables -A`` takes (and ``-C`` compares)."""
+def _desired(rule: InterceptionRule, family: Family) -> dict[str, _TableRules]:
+    """The family's rule set by table. Tokens are what ``iptables -A`` takes (and ``-C`` compares)."""
     if rule.node_interface is not None:
         from_pods: list[tuple[str, ...]] = [("!", "-i", rule.node_interface)]
     else:
         from_pods = [("-i", pattern) for pattern in rule.pod_interfaces]
+    if family is Family.IPV6:
+        return _desired_ipv6(rule, from_pods)
     metadata_jumps = [("-d", f"{rule.metadata_address}/32", *sel, *_comment("pod metadata traffic"),
                        "-j", METADATA_CHAIN) for sel in from_pods]
     agent_jump = ("-d", f"{rule.target_address}/32", "-p", "tcp", "-m", "tcp", "--dport", str(rule.target_port),
                   *_comment("agent port"), "-j", AGENT_CHAIN)
-    refuse = (*_comment("pods reach the metadata address only through the agent"), "-j", "REJECT", "--reject-with")
     refuse_off_node = ("-p", "tcp", *_comment("agent port is node-local"), "-j", "REJECT", "--reject-with",
                        "tcp-reset")
     if rule.node_interface is not None:
@@ -198,11 +183,23 @@ def _desired(rule: InterceptionRule) -> dict[str, _TableRules]:
             "-j", "DNAT", "--to-destination", rule.target)
     return {
         "nat": _TableRules(chains={METADATA_CHAIN: [dnat]}, jumps={"PREROUTING": metadata_jumps}),
-        "filter": _TableRules(
-            chains={METADATA_CHAIN: [("-p", "tcp", *refuse, "tcp-reset"), (*refuse, "icmp-port-unreachable")],
-                    AGENT_CHAIN: guard},
-            jumps={"FORWARD": metadata_jumps, "INPUT": [*metadata_jumps, agent_jump]}),
+        "filter": _TableRules(chains={METADATA_CHAIN: _refusals("icmp-port-unreachable"), AGENT_CHAIN: guard},
+                              jumps={"FORWARD": metadata_jumps, "INPUT": [*metadata_jumps, agent_jump]}),
     }
+
+
+def _desired_ipv6(rule: InterceptionRule, from_pods: list[tuple[str, ...]]) -> dict[str, _TableRules]:
+    # SEC-06: blocked, never redirected (the agent listens on IPv4 only).
+    jumps = [("-d", f"{ipaddress.IPv6Address(address)}/128", *sel, *_comment("pod metadata traffic"),
+              "-j", METADATA_CHAIN) for address in rule.ipv6_metadata_addresses for sel in from_pods]
+    return {"filter": _TableRules(chains={METADATA_CHAIN: _refusals("icmp6-port-unreachable")},
+                                  jumps={"FORWARD": jumps, "INPUT": jumps})}
+
+
+def _refusals(unreachable: str) -> list[tuple[str, ...]]:
+    """TCP gets a reset (the client fails at once), everything else ICMP(v6) port unreachable."""
+    refuse = (*_comment("pods reach the metadata address only through the agent"), "-j", "REJECT", "--reject-with")
+    return [("-p", "tcp", *refuse, "tcp-reset"), (*refuse, unreachable)]
 
 
 def _restore_line(*tokens: str) -> str:
@@ -210,73 +207,11 @@ def _restore_line(*tokens: str) -> str:
     return " ".join(f'"{t}"' if " " in t else t for t in tokens)
 
 
-# -- reading the current state --------------------------------------------------------------
+def _label(family: Family, table: str) -> str:
+    return table if family is Family.IPV4 else f"IPv6 {table}"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _SavedTable:
-    chains: frozenset[str]
-    rules: dict[str, list[str]]  # chain -> rule texts after "-A <chain> ", in order
-
-
-def _parse_save(text: str) -> _SavedTable:
-    chains: set[str] = set()
-    rules: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if line.startswith(":"):
-            chains.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A "):
-            chain, _, rest = line[3:].partition(" ")
-            rules.setdefault(chain, []).append(rest)
-    return _SavedTable(chains=frozenset(chains), rules=rules)
-
-
-def _target(rule: str | Sequence[str]) -> str | None:
-    """The ``-j``/``-g`` target of a saved rule's text or of a token list."""
-    if isinstance(rule, str):
-        try:
-            tokens: Sequence[str] = shlex.split(rule)
-        except ValueError:  # a foreign rule with quoting shlex rejects: whitespace is close enough
-            tokens = rule.split()
-    else:
-        tokens = rule
-    for i, token in enumerate(tokens[:-1]):
-        if token in ("-j", "--jump", "-g", "--goto"):
-            return tokens[i + 1]
-    return None
-
-
-# -- the commands -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Netfilter:
-    """The node's netfilter tools: ``iptables`` (its ``-save``/``-restore`` siblings are derived
-    from its name: ``iptables-legacy`` -> ``iptables-legacy-save``) and ``conntrack``, run through
-    ``runner``. Use the ``iptables`` of the backend the node's kube-proxy and CNI use."""
-
-    iptables: str = "iptables"
-    conntrack: str = "conntrack"
-    runner: CommandRunner = field(default_factory=SubprocessRunner)
-
-    def save(self, table: str) -> _SavedTable:
-        result = self.runner.run([f"{self.iptables}-save", "-t", table])
-        if result.returncode != 0:
-            raise InterceptionError(f"{self.iptables}-save -t {table} failed", result=result)
-        return _parse_save(result.stdout)
-
-    def restore(self, payload: str) -> None:
-        result = self.runner.run([f"{self.iptables}-restore", "--noflush", "--wait", str(IPTABLES_LOCK_WAIT_S)],
-                                 stdin=payload)
-        if result.returncode != 0:
-            raise InterceptionError(f"{self.iptables}-restore failed", result=result)
-
-    def check(self, table: str, chain: str, spec: Sequence[str]) -> bool:
-        """``iptables -C``: whether a rule equal to ``spec`` (as the kernel compares it) exists."""
-        result = self.runner.run([self.iptables, "-w", str(IPTABLES_LOCK_WAIT_S), "-t", table, "-C", chain, *spec])
-        if result.returncode in (0, 1):
-            return result.returncode == 0
-        raise InterceptionError(f"{self.iptables} -C {chain} failed", result=result)
+# -- the operations ---------------------------------------------------------------------------
 
 
 DEFAULT_NETFILTER = Netfilter()
@@ -285,36 +220,42 @@ DEFAULT_NETFILTER = Netfilter()
 def drift(rule: InterceptionRule, *, netfilter: Netfilter = DEFAULT_NETFILTER) -> list[str]:
     """How the installed rules differ from ``rule``'s; empty when they are exactly as expected.
 
-    Exactly: our chains hold exactly the expected rules (``iptables -C`` for each, the count, and
-    the order of their targets), and the only rules anywhere that jump to our chains are the
-    expected jumps, as the first rules of their built-in chains. Raises ``InterceptionError``
-    when the tools fail.
+    Exactly, in every family ``netfilter.families()`` names: our chains hold exactly the expected
+    rules (``iptables -C`` for each, the count, and the order of their targets), and the only rules
+    anywhere that jump to our chains are the expected jumps, as the first rules of their built-in
+    chains. Raises ``InterceptionError`` when the tools fail.
     """
+    return [problem for family in netfilter.families()
+            for table, want in _desired(rule, family).items()
+            for problem in _table_drift(family, table, want, netfilter=netfilter)]
+
+
+def _table_drift(family: Family, table: str, want: _TableRules, *, netfilter: Netfilter) -> list[str]:
     problems: list[str] = []
-    for table, want in _desired(rule).items():
-        saved = netfilter.save(table)
-        for chain, specs in want.chains.items():
-            if chain not in saved.chains:
-                problems.append(f"{table} chain {chain} is missing")
-                continue
-            have = saved.rules.get(chain, [])
-            if [_target(r) for r in have] != [_target(s) for s in specs]:
-                problems.append(f"{table} chain {chain} has {len(have)} rules, expected {len(specs)} in order")
-            elif not all(netfilter.check(table, chain, s) for s in specs):
-                problems.append(f"{table} chain {chain} has a modified rule")
-        for chain, rules in saved.rules.items():
-            if chain in _OUR_CHAINS:
-                continue
-            positions = [i for i, r in enumerate(rules) if _target(r) in _OUR_CHAINS]
-            expected = list(range(len(want.jumps.get(chain, []))))
-            if positions != expected:
-                problems.append(f"{table} {chain}: jumps to metaemu chains at positions {positions}, expected "
-                                f"{expected}")
-        for chain, specs in want.jumps.items():
-            if chain not in saved.rules:
-                problems.append(f"{table} {chain} has no jump to metaemu chains")
-            elif not all(netfilter.check(table, chain, s) for s in specs):
-                problems.append(f"{table} {chain} has a modified jump")
+    label = _label(family, table)
+    saved = netfilter.save(family, table)
+    for chain, specs in want.chains.items():
+        if chain not in saved.chains:
+            problems.append(f"{label} chain {chain} is missing")
+            continue
+        have = saved.rules.get(chain, [])
+        if [rule_target(r) for r in have] != [rule_target(s) for s in specs]:
+            problems.append(f"{label} chain {chain} has {len(have)} rules, expected {len(specs)} in order")
+        elif not all(netfilter.check(family, table, chain, s) for s in specs):
+            problems.append(f"{label} chain {chain} has a modified rule")
+    for chain, rules in saved.rules.items():
+        if chain in _OUR_CHAINS:
+            continue
+        positions = [i for i, r in enumerate(rules) if rule_target(r) in _OUR_CHAINS]
+        expected = list(range(len(want.jumps.get(chain, []))))
+        if positions != expected:
+            problems.append(f"{label} {chain}: jumps to metaemu chains at positions {positions}, expected "
+                            f"{expected}")
+    for chain, specs in want.jumps.items():
+        if chain not in saved.rules:
+            problems.append(f"{label} {chain} has no jump to metaemu chains")
+        elif not all(netfilter.check(family, table, chain, s) for s in specs):
+            problems.append(f"{label} {chain} has a modified jump")
     return problems
 
 
@@ -324,24 +265,28 @@ def verify(rule: InterceptionRule, *, netfilter: Netfilter = DEFAULT_NETFILTER) 
 
 
 def install(rule: InterceptionRule, *, netfilter: Netfilter = DEFAULT_NETFILTER) -> None:
-    """Install ``rule``'s rule set, replacing any earlier metaemu rules (idempotent).
+    """Install ``rule``'s rule set in every family ``netfilter.families()`` names, replacing any
+    earlier metaemu rules (idempotent).
 
-    One ``iptables-restore --noflush`` transaction per table: our chains are rewritten, every
-    existing jump to them is deleted and the expected jumps are inserted first, so there is no
-    moment without interception. Raises ``InterceptionError`` if the tools keep failing.
+    Per family, one ``iptables-restore --noflush`` run, each table a transaction: our chains are
+    rewritten, every existing jump to them is deleted and the expected jumps are inserted first, so
+    there is no moment without interception. IPv4 goes first. Raises ``InterceptionError`` if the
+    tools of any family keep failing.
     """
-    for attempt in range(1, INSTALL_ATTEMPTS + 1):
-        payload = _install_payload(_desired(rule), {t: netfilter.save(t) for t in ("nat", "filter")})
-        try:
-            netfilter.restore(payload)
-            return
-        except InterceptionError:
-            if attempt == INSTALL_ATTEMPTS:
-                raise
-            log.warning("iptables-restore failed; re-reading the tables and retrying", extra={"attempt": attempt})
+    for family in netfilter.families():
+        for attempt in range(1, INSTALL_ATTEMPTS + 1):
+            saved = {t: netfilter.save(family, t) for t in _TABLES[family]}
+            try:
+                netfilter.restore(family, _install_payload(_desired(rule, family), saved))
+                break
+            except InterceptionError:
+                if attempt == INSTALL_ATTEMPTS:
+                    raise
+                log.warning("iptables-restore failed; re-reading the tables and retrying",
+                            extra={"attempt": attempt, "family": family.value})
 
 
-def _install_payload(desired: dict[str, _TableRules], saved: dict[str, _SavedTable]) -> str:
+def _install_payload(desired: dict[str, _TableRules], saved: dict[str, SavedTable]) -> str:
     lines: list[str] = []
     for table, want in desired.items():
         lines.append(f"*{table}")
@@ -354,40 +299,50 @@ def _install_payload(desired: dict[str, _TableRules], saved: dict[str, _SavedTab
     return "\n".join(lines) + "\n"
 
 
-def _delete_jumps(saved: _SavedTable) -> list[str]:
+def _delete_jumps(saved: SavedTable) -> list[str]:
     return [f"-D {chain} {text}" for chain, rules in saved.rules.items() if chain not in _OUR_CHAINS
-            for text in rules if _target(text) in _OUR_CHAINS]
+            for text in rules if rule_target(text) in _OUR_CHAINS]
 
 
 def remove(*, netfilter: Netfilter = DEFAULT_NETFILTER) -> bool:
-    """Delete every metaemu chain and jump (uninstall only; the agent never calls this, SEC-05).
-
-    Returns whether anything was removed.
+    """Delete every metaemu chain and jump in every family ``netfilter.families()`` names
+    (uninstall only; the agent never calls this, SEC-05). Returns whether anything was removed.
     """
-    lines: list[str] = []
-    for table in ("nat", "filter"):
-        saved = netfilter.save(table)
-        ours = sorted(_OUR_CHAINS & saved.chains)
-        deletes = _delete_jumps(saved)
-        if ours or deletes:
-            lines += [f"*{table}", *deletes, *[f":{c} - [0:0]" for c in ours], *[f"-X {c}" for c in ours], "COMMIT"]
-    if lines:
-        netfilter.restore("\n".join(lines) + "\n")
-    return bool(lines)
+    removed = False
+    for family in netfilter.families():
+        lines: list[str] = []
+        for table in _TABLES[family]:
+            saved = netfilter.save(family, table)
+            ours = sorted(_OUR_CHAINS & saved.chains)
+            deletes = _delete_jumps(saved)
+            if ours or deletes:
+                lines += [f"*{table}", *deletes, *[f":{c} - [0:0]" for c in ours], *[f"-X {c}" for c in ours],
+                          "COMMIT"]
+        if lines:
+            netfilter.restore(family, "\n".join(lines) + "\n")
+            removed = True
+    return removed
 
 
 _DELETED = re.compile(r"(\d+) flow entries have been deleted")
 
 
 def flush_conntrack(rule: InterceptionRule, *, netfilter: Netfilter = DEFAULT_NETFILTER) -> int:
-    """Delete conntrack entries of TCP connections to the metadata address and port (SEC-03).
+    """Delete conntrack entries of TCP connections to the metadata address and port (SEC-03) and,
+    when IPv6 is managed, of every connection to the IPv6 metadata addresses (SEC-06).
 
     NAT applies to a connection's first packet only, so connections opened before the DNAT existed
     would keep their old destination; after the flush their next packet is treated as new. Returns
     the number of entries deleted; raises ``InterceptionError`` if ``conntrack`` fails.
     """
-    result = netfilter.runner.run([netfilter.conntrack, "-D", "-p", "tcp", "--orig-dst", rule.metadata_address,
-                                   "--orig-port-dst", str(rule.metadata_port)])
+    commands = [["-p", "tcp", "--orig-dst", rule.metadata_address, "--orig-port-dst", str(rule.metadata_port)]]
+    if Family.IPV6 in netfilter.families():
+        commands += [["-f", Family.IPV6.value, "--orig-dst", address] for address in rule.ipv6_metadata_addresses]
+    return sum(_conntrack_delete(netfilter, args) for args in commands)
+
+
+def _conntrack_delete(netfilter: Netfilter, args: Sequence[str]) -> int:
+    result = netfilter.runner.run([netfilter.conntrack, "-D", *args])
     match = _DELETED.search(result.stderr)
     # conntrack exits 1 when nothing matched ("0 flow entries have been deleted").
     if match is None or (result.returncode != 0 and match.group(1) != "0"):
@@ -396,9 +351,10 @@ def flush_conntrack(rule: InterceptionRule, *, netfilter: Netfilter = DEFAULT_NE
 
 
 def reconcile(rule: InterceptionRule, *, netfilter: Netfilter = DEFAULT_NETFILTER) -> bool:
-    """Restore ``rule``'s rules if they drifted; returns whether anything was changed.
+    """Restore ``rule``'s rules, in every family, if they drifted; returns whether anything was
+    changed.
 
-    After a repair, conntrack entries for the metadata address are flushed (best effort: a failed
+    After a repair, conntrack entries for the metadata addresses are flushed (best effort: a failed
     flush is logged; the filter rules refuse such connections anyway). Raises ``InterceptionError``
     if the tools fail or the rules are still not as expected after the install.
     """

@@ -2,11 +2,11 @@
 
 ``node-setup`` runs in an init container of the node-mode DaemonSet (hostNetwork, ``NET_ADMIN``):
 optionally puts the agent's address on a node-local device, installs the interception rules
-(``metaemu.interception``), verifies them, and flushes conntrack entries for the metadata address
-(SEC-03). It exits non-zero when any step fails, so the pod does not start and the init container is
-retried. ``interception_reconciler`` is the agent's background task that keeps the rules in place
-(SEC-04). Nothing here removes the rules on shutdown (SEC-05); ``--uninstall`` is for removing
-metaemu from a node.
+(``metaemu.interception``; IPv4 and, whenever the kernel has IPv6, IPv6: SEC-06), verifies them, and
+flushes conntrack entries for the metadata addresses (SEC-03). It exits non-zero when any step fails,
+so the pod does not start and the init container is retried. ``interception_reconciler`` is the
+agent's background task that keeps the rules in place (SEC-04). Nothing here removes the rules on
+shutdown (SEC-05); ``--uninstall`` is for removing metaemu from a node.
 
 Not owned here: the rules themselves (``metaemu.interception``), the agent's listener.
 
@@ -49,11 +49,7 @@ from metaemu.clock import Clock
 from metaemu.errors import ConfigError
 from metaemu.interception import (
     DEFAULT_NETFILTER,
-    CommandRunner,
-    InterceptionError,
     InterceptionRule,
-    Netfilter,
-    SubprocessRunner,
     drift,
     flush_conntrack,
     install,
@@ -61,6 +57,15 @@ from metaemu.interception import (
     remove,
 )
 from metaemu.logs import setup_logging
+from metaemu.netfilter import (
+    KERNEL_IPV6_FILE,
+    CommandRunner,
+    Family,
+    InterceptionError,
+    IPv6Mode,
+    Netfilter,
+    SubprocessRunner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="metaemu node-setup",
         description="Redirect pods' traffic to 169.254.169.254:80 to the node-mode agent and refuse everything "
-        "else pods send to that address. Idempotent; never removes the rules unless --uninstall.")
+        "else pods send to that address or to the platforms' IPv6 metadata addresses. Idempotent; never removes "
+        "the rules unless --uninstall.")
     p.add_argument("--to", metavar="ADDRESS:PORT", help="the agent's node-local listen address "
                    "(env METAEMU_INTERCEPT_TO), e.g. 169.254.169.252:988")
     p.add_argument("--pod-interface", action="append", metavar="PATTERN", help="interface pods' traffic arrives "
@@ -86,8 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "traffic, e.g. eth0 (env METAEMU_NODE_INTERFACE)")
     p.add_argument("--local-address-dev", metavar="DEVICE", help="first put ADDRESS/32 on this device, creating "
                    "it as a dummy link if missing, e.g. metaemu0 (env METAEMU_LOCAL_ADDRESS_DEV)")
-    p.add_argument("--iptables", help="iptables command of the node's backend, e.g. iptables-legacy "
-                   "(env METAEMU_IPTABLES; default iptables)")
+    p.add_argument("--iptables", help="iptables command of the node's backend, e.g. iptables-legacy; the "
+                   "ip6tables command is derived from it (env METAEMU_IPTABLES; default iptables)")
+    p.add_argument("--ipv6", choices=[m.value for m in IPv6Mode], help="also block pods' traffic to the IPv6 "
+                   "metadata addresses fd20:ce::254 and fd00:ec2::254 with ip6tables (SEC-06): auto when the "
+                   f"kernel has IPv6 ({KERNEL_IPV6_FILE} exists), require always, off never "
+                   "(env METAEMU_IPV6; default auto)")
     p.add_argument("--conntrack", default="conntrack", help="conntrack command (default %(default)s)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="only verify: exit 0 when the rules are exactly in "
@@ -130,12 +140,22 @@ def _ip(runner: CommandRunner, *args: str) -> None:
         raise InterceptionError(f"ip {' '.join(args)} failed", result=result)
 
 
-def main(argv: Sequence[str], *, environ: Mapping[str, str]) -> int:
-    """Run ``metaemu node-setup``; returns the exit code (``EXIT_*``)."""
+def netfilter_from_args(args: argparse.Namespace, environ: Mapping[str, str], *,
+                        runner: CommandRunner) -> Netfilter:
+    """The node's tools from flags, falling back to ``METAEMU_*`` variables; raises ``ConfigError``."""
+    ipv6 = args.ipv6 or environ.get("METAEMU_IPV6") or IPv6Mode.AUTO
+    if ipv6 not in {m.value for m in IPv6Mode}:
+        raise ConfigError("--ipv6", f"{ipv6!r} (METAEMU_IPV6) is not one of auto, require, off")
+    return Netfilter(iptables=args.iptables or environ.get("METAEMU_IPTABLES") or "iptables",
+                     conntrack=args.conntrack, ipv6=IPv6Mode(ipv6), runner=runner)
+
+
+def main(argv: Sequence[str], *, environ: Mapping[str, str], runner: CommandRunner | None = None) -> int:
+    """Run ``metaemu node-setup`` with ``runner`` (default: subprocesses); returns the exit code
+    (``EXIT_*``)."""
     args = build_parser().parse_args(list(argv))
-    netfilter = Netfilter(iptables=args.iptables or environ.get("METAEMU_IPTABLES") or "iptables",
-                          conntrack=args.conntrack, runner=SubprocessRunner())
     try:
+        netfilter = netfilter_from_args(args, environ, runner=runner or SubprocessRunner())
         rule = None if args.uninstall else rule_from_args(args, environ)
     except ConfigError as exc:
         print(f"metaemu node-setup: configuration error: {exc}", file=sys.stderr)
@@ -160,6 +180,9 @@ def main(argv: Sequence[str], *, environ: Mapping[str, str]) -> int:
 def _setup(rule: InterceptionRule, *, netfilter: Netfilter, device: str | None) -> int:
     if device:
         ensure_local_address(rule.target_address, device=device, runner=netfilter.runner)
+    families = netfilter.families()
+    if Family.IPV6 not in families:
+        _log_ipv6_skipped(netfilter.ipv6)
     install(rule, netfilter=netfilter)
     problems = drift(rule, netfilter=netfilter)
     if problems:
@@ -169,8 +192,18 @@ def _setup(rule: InterceptionRule, *, netfilter: Netfilter, device: str | None) 
     flushed = flush_conntrack(rule, netfilter=netfilter)
     log.info("interception installed and verified", extra={
         "target": rule.target, "pod_interfaces": ",".join(rule.pod_interfaces),
-        "node_interface": rule.node_interface or "", "conntrack_flushed": flushed})
+        "node_interface": rule.node_interface or "", "families": ",".join(families), "conntrack_flushed": flushed})
     return EXIT_OK
+
+
+def _log_ipv6_skipped(mode: IPv6Mode) -> None:
+    if mode is IPv6Mode.OFF:
+        # SECURITY (SEC-06): a dual-stack pod may reach the platform's metadata server over IPv6.
+        log.warning("IPv6 interception is off (--ipv6 off): pods' IPv6 traffic to the metadata addresses is not "
+                    "blocked")
+    else:
+        log.info("the kernel has no IPv6, so no pod can use it: installing IPv4 rules only",
+                 extra={"missing": KERNEL_IPV6_FILE})
 
 
 # -- the agent's reconciler -------------------------------------------------------------------
@@ -199,7 +232,8 @@ def create_interception_metrics(registry: CollectorRegistry) -> InterceptionMetr
 async def interception_reconciler(rule: InterceptionRule, *, clock: Clock, stop_event: asyncio.Event,
                                   metrics: InterceptionMetrics, netfilter: Netfilter = DEFAULT_NETFILTER,
                                   interval_s: float = RECONCILE_INTERVAL_S) -> None:
-    """Check the rules now and every ``interval_s``, restoring drift (SEC-04), until ``stop_event``.
+    """Check the rules of every family ``netfilter.families()`` names now and every ``interval_s``,
+    restoring drift (SEC-04), until ``stop_event``.
 
     Never removes the rules (SEC-05) and never dies on a failure: it logs, counts and retries with
     backoff from ``RECONCILE_RETRY_INITIAL_S`` up to ``interval_s``. The blocking work runs in a
