@@ -10,6 +10,7 @@ SEC-14).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -30,6 +31,8 @@ pytestmark = pytest.mark.skipif(
 AGENT = f"{NODE_IP}:8080"
 CONTROL = 8090
 GSA = {1: "one@demo-project.iam.gserviceaccount.com", 2: "two@demo-project.iam.gserviceaccount.com"}
+#: node-setup's log (JSON lines) for each simulated node, by its namespace.
+SETUP_LOGS: dict[str, str] = {}
 CLIENT = """
 import json, google.auth, google.auth.transport.requests as r
 try:
@@ -47,6 +50,7 @@ def cluster() -> Iterator[tuple[SimulatedNode, subprocess.Popen[str]]]:
         setup = node.run_in(node.node_ns, sys.executable, "-m", "metaemu", "node-setup", "--to", AGENT,
                             "--pod-interface", "vethpod+", check=False, timeout_s=60)
         assert setup.returncode == 0, setup.stderr
+        SETUP_LOGS[node.node_ns] = setup.stderr
         agent = node.popen_in(node.node_ns, sys.executable, "-m", "metaemu.testing.node_world", "--listen", AGENT,
                               "--control-port", str(CONTROL), "--host-address", NODE_IP,
                               "--intercept-pod-interface", "vethpod+",
@@ -170,3 +174,21 @@ def test_sec37_sec40_agent_keeps_the_rules_and_reports_them_in_readiness(
     ready = node.run_in(node.node_ns, sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
                         "'http://127.0.0.1:8081/readyz', timeout=5).status)").stdout
     assert ready.strip() == "200"  # SEC-37: the pod watch synced and the rules are in place
+
+
+def test_sec02_rules_then_watch_sync_then_the_startup_taint_is_removed(
+        cluster: tuple[SimulatedNode, subprocess.Popen[str]]) -> None:
+    """The node registered with metaemu's startup taint; each event's own timestamp: node-setup's
+    "installed and verified" log line, metaemu's pod watch sync, the API server applying the patch."""
+    node, _ = cluster
+    [installed] = [json.loads(line) for line in SETUP_LOGS[node.node_ns].splitlines()
+                   if line.startswith("{") and json.loads(line).get("msg") == "interception installed and verified"]
+    rule_installed = dt.datetime.fromisoformat(installed["time"]).timestamp()
+    wait_until(lambda: control(node, "GET", "/node")["taints"] == [], "the startup taint to be removed")
+    state = control(node, "GET", "/node")
+    [patch] = state["patches"]
+    assert patch["status"] == 200
+    assert rule_installed < state["watch_synced_at"] < patch["applied_at"]
+    # ... and from then on a pod scheduled here is served (its own identity, as above).
+    out = client_in(node, node.pod_ns(1))
+    assert out.get("email") == GSA[1], out
