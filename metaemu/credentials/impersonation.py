@@ -64,7 +64,10 @@ class IamCredentialsClient:
 
 
 def _auth(bearer: FederatedToken) -> dict[str, str]:
-    return {"Authorization": f"Bearer {bearer.value}"}
+    headers = {"Authorization": f"Bearer {bearer.value}"}
+    if bearer.quota_project:  # end-user credentials: APIs bill (and may require) a quota project
+        headers["x-goog-user-project"] = bearer.quota_project
+    return headers
 
 
 def _malformed(url: str, message: str) -> UpstreamError:

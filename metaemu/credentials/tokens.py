@@ -57,7 +57,11 @@ class SubjectToken:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FederatedToken(Token):
-    """A Google STS access token for the workload's federated principal."""
+    """A Google STS access token for the workload's federated principal (or, from the ``google``
+    source, the developer's own). ``quota_project`` is the project IAM calls made with it bill
+    (``x-goog-user-project``), as google-auth sends for end-user credentials."""
+
+    quota_project: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -137,18 +137,19 @@ class GoogleSource:
         or unusable. Safe to call concurrently: each call refreshes its own credentials object.
         """
         sent_at = self._clock.now()
-        token, expiry, expires_in_s = await asyncio.to_thread(self._refresh)
+        token, expiry, expires_in_s, quota_project = await asyncio.to_thread(self._refresh)
         # google-auth dates expiry from when the answer arrived; measured from before sending, it
         # errs early instead (the later of the two is never served).
         measured = sent_at + dt.timedelta(seconds=expires_in_s or DEFAULT_LIFETIME_S)
         expiry = min(expiry, measured) if expiry is not None else measured
         if expiry <= self._clock.now():
             raise SourceError(f"the token endpoint for {self._path} returned an already expired token")
-        return FederatedToken(value=token, expiry=expiry)
+        return FederatedToken(value=token, expiry=expiry, quota_project=quota_project)
 
-    def _refresh(self) -> tuple[str, dt.datetime | None, int | None]:
+    def _refresh(self) -> tuple[str, dt.datetime | None, int | None, str | None]:
         """Blocking: load the file, refresh over google-auth. Runs in a worker thread.
-        Returns the token, google-auth's expiry (made aware) and the answer's ``expires_in``."""
+        Returns the token, google-auth's expiry (made aware), the answer's ``expires_in`` and the
+        quota project (``quota_project``, else the file's ``quota_project_id``)."""
         credentials = self._load()
         request = _MeteredRequest(self._metrics)
         try:
@@ -165,7 +166,8 @@ class GoogleSource:
             raise SourceError(f"the token endpoint for {self._path} returned no access token")
         expiry = credentials.expiry  # naive UTC, as google-auth keeps it
         aware = expiry.replace(tzinfo=dt.UTC) if isinstance(expiry, dt.datetime) else None
-        return token, aware, _expires_in_s(request.body)
+        quota = credentials.quota_project_id
+        return token, aware, _expires_in_s(request.body), quota if isinstance(quota, str) and quota else None
 
     def _load(self) -> Any:
         info = _read_json(self._path)

@@ -224,9 +224,9 @@ def test_build_source_dispatches_to_the_google_module(adc_file: Path) -> None:
 # ---------------------------------------------------------------- through a running metaemu
 
 
-def metaemu_config(adc: Path, token_url: str, *, impersonate: bool) -> dict[str, Any]:
-    wi: dict[str, Any] = {"audience": AUDIENCE,
-                          "source": {"type": "google", "credentials_file": str(adc), "token_url": token_url}}
+def metaemu_config(adc: Path, token_url: str, *, impersonate: bool, **source: Any) -> dict[str, Any]:
+    wi: dict[str, Any] = {"audience": AUDIENCE, "source": {"type": "google", "credentials_file": str(adc),
+                                                           "token_url": token_url, **source}}
     if impersonate:
         wi["service_account"] = SERVICE_ACCOUNT
     return {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "project_id": PROJECT_ID,
@@ -236,9 +236,9 @@ def metaemu_config(adc: Path, token_url: str, *, impersonate: bool) -> dict[str,
 
 
 @contextlib.asynccontextmanager
-async def running(world: World, adc: Path, token_url: str, *,
-                  impersonate: bool) -> AsyncIterator[tuple[MetaemuServer, Mds]]:
-    config = parse_config(metaemu_config(adc, token_url, impersonate=impersonate), hostname="laptop",
+async def running(world: World, adc: Path, token_url: str, *, impersonate: bool,
+                  **source: Any) -> AsyncIterator[tuple[MetaemuServer, Mds]]:
+    config = parse_config(metaemu_config(adc, token_url, impersonate=impersonate, **source), hostname="laptop",
                           base_dir=adc.parent)
     async with MetaemuServer(config, http=world.google.client()) as server:
         mds = Mds(server.metadata_url)
@@ -260,6 +260,31 @@ async def test_impersonates_the_service_account_with_the_developers_token_as_bea
     (call,) = [r for r in world.google.requests if r.endpoint == "generateAccessToken"]
     assert call.headers["Authorization"].startswith("Bearer ya29.user-")
     assert world.google.calls["sts"] == 0  # the ADC token is never exchanged at STS
+
+
+@pytest.mark.parametrize(("in_file", "configured", "expected"), [
+    (None, None, None),
+    ("file-project", None, "file-project"),  # gcloud auth application-default set-quota-project
+    ("file-project", "billing-project", "billing-project"),  # source.quota_project overrides the file
+    (None, "billing-project", "billing-project"),
+])
+async def test_iam_calls_bill_the_quota_project_as_google_auth_would(
+        world: World, tmp_path: Path, gcloud_client: OAuthClient, refresh_token: str, token_uri: str,
+        in_file: str | None, configured: str | None, expected: str | None) -> None:
+    """End-user credentials name a quota project in ``x-goog-user-project`` on every IAM call, as
+    google-auth's ``apply`` does for them; without one, no header."""
+    adc = tmp_path / "adc.json"
+    adc.write_text(json.dumps(FakeOAuthUser.authorized_user_info(client=gcloud_client, refresh_token=refresh_token,
+                                                                 quota_project_id=in_file)))
+    extra = {"quota_project": configured} if configured else {}
+    async with running(world, adc, token_uri, impersonate=True, **extra) as (_, mds):
+        assert (await mds.get(SA_PATH + "token")).status == 200
+        assert (await mds.get(SA_PATH + "identity?audience=https://svc.example")).status == 200
+    calls = [r for r in world.google.requests if r.endpoint in ("generateAccessToken", "generateIdToken")]
+    assert len(calls) == 2
+    for call in calls:
+        headers = {k.lower(): v for k, v in call.headers.items()}
+        assert headers.get("x-goog-user-project") == expected, call.endpoint
 
 
 async def test_without_a_service_account_the_developers_token_is_served_and_identity_explains(
