@@ -286,3 +286,28 @@ async def test_sec02_without_a_startup_taint_configured_nodes_are_never_read(tmp
         assert world.kube.calls["node_get"] == world.kube.calls["node_patch"] == 0
         assert world.kube.node_taints(NODE) == [STARTUP_TAINT]
         assert node.metric("metaemu_startup_taint_cleared") == 0
+
+
+def test_the_readme_node_metrics_table_names_only_metrics_node_mode_exports() -> None:
+    """Every metric the README's node-mode table documents is one the agent registers."""
+    import re
+
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from metaemu.metrics import create_metrics
+    from metaemu.node_setup import create_interception_metrics
+    from metaemu.pods.pod_metrics import create_pod_metrics
+    from metaemu.pods.startup_taint import create_startup_taint_metrics
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("Node mode adds"):readme.index("### Alerts and runbooks")]
+    documented = set(re.findall(r"^\| `(metaemu_[a-z_]+)", table, flags=re.M))
+    metrics = create_metrics()
+    create_pod_metrics(metrics.registry)
+    create_interception_metrics(metrics.registry)
+    create_startup_taint_metrics(metrics.registry)
+    exported = {f.name for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+    exported |= {f"{name}_total" for name in exported}  # counters' sample names
+    assert len(documented) == 8
+    assert documented <= exported, documented - exported
