@@ -60,7 +60,9 @@ async def clear_startup_taint(kube: KubeClient, *, node: str, key: str) -> bool:
     Raises ``UpstreamError`` when the node cannot be read or patched (403: RBAC or the admission
     policy; 404: no such node), or after ``CONFLICT_ATTEMPTS`` conflicting concurrent changes.
     """
-    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         taints = await kube.get_node_taints(node)
         keep = [t for t in taints if t.get("key") != key]
         if len(keep) == len(taints):
@@ -75,13 +77,12 @@ async def clear_startup_taint(kube: KubeClient, *, node: str, key: str) -> bool:
             if exc.status not in (409, 422) or attempt == CONFLICT_ATTEMPTS:
                 raise
             log.info("node taints changed concurrently; re-reading them", extra={"attempt": attempt})
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def startup_taint_clearer(kube: KubeClient, *, node: str, key: str, ready: Callable[[], str | None],
                                 clock: Clock, metrics: StartupTaintMetrics, stop_event: asyncio.Event) -> None:
-    """Wait until ``ready()`` returns None, then clear the taint, retrying with backoff until done
-    ``stop_event``. Readiness is checked again before every attempt, so the taint never goes while
+    """Wait until ``ready()`` returns None, then clear the taint, retrying with backoff until it is
+    done or ``stop_event`` is set. Readiness is checked again before every attempt, so the taint never goes while
     the agent cannot serve (SEC-02)."""
     failures = 0
     while not stop_event.is_set():

@@ -128,7 +128,7 @@ async def serve(*, listen: str, admin_listen: str, control_port: int, node_name:
         recorder = asyncio.create_task(record_sync())
         try:
             while server.components.contexts.ready() is not None and not stop.is_set():  # noqa: ASYNC110
-                await asyncio.sleep(0.02)  # polls the watch's first list (no event is exposed for it)
+                await asyncio.sleep(0.02)  # ready() joins the watch sync and the rules: no single event
             print("READY", flush=True)
             await stop.wait()
         finally:

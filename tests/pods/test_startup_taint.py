@@ -209,3 +209,16 @@ async def test_a_bad_patch_is_refused_by_the_stand_in_as_the_api_server_would(
         await kube.patch_node("no-such-node", [])
     assert missing.value.status == 404
     assert fake.node_taints(NODE) == [STARTUP]
+
+
+async def test_endless_conflicts_give_up_after_the_bounded_attempts(fake: FakeKubernetes, kube: KubeClient) -> None:
+    from metaemu.errors import UpstreamError
+    from metaemu.pods.startup_taint import CONFLICT_ATTEMPTS
+
+    fake.add_node(NODE, taints=[STARTUP])
+    fake.fail("node_patch", status_code=422, times=CONFLICT_ATTEMPTS)
+    with pytest.raises(UpstreamError) as conflict:
+        await clear_startup_taint(kube, node=NODE, key=TAINT)
+    assert conflict.value.status == 422
+    assert (fake.calls["node_get"], fake.calls["node_patch"]) == (CONFLICT_ATTEMPTS, CONFLICT_ATTEMPTS)
+    assert fake.node_taints(NODE) == [STARTUP]
