@@ -1,6 +1,7 @@
 # The two commands of the README quickstart: `make demo` and `make test`.
 # Both create .venv on first use; `make test` also installs the real client libraries under test
-# (Go and Debian packages via apt-get, Node packages via npm from the committed lock).
+# (Go and Debian packages via apt-get, Node packages via npm from the committed lock) and builds the
+# real Kubernetes control plane of the `kube` tests (scripts/kube-testenv.sh).
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: demo test lint typecheck unit clients bench lock clean
+.PHONY: demo test lint typecheck unit clients kube-testenv bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,11 @@ demo: $(RUNTIME_STAMP)
 clients:
 	bash scripts/install-clients.sh
 
+# The real kube-apiserver, kubectl and etcd of the `kube` tests, built once per machine from their
+# published sources (about 5 minutes the first time; cached in ~/.cache/metaemu afterwards).
+kube-testenv:
+	bash scripts/kube-testenv.sh
+
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
@@ -38,7 +44,7 @@ typecheck: $(TEST_STAMP)
 unit: $(TEST_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test: $(TEST_STAMP) clients lint typecheck unit
+test: $(TEST_STAMP) clients kube-testenv lint typecheck unit
 
 bench: $(TEST_STAMP)
 	command -v wrk >/dev/null || apt-get install -y --no-install-recommends wrk

@@ -1,0 +1,156 @@
+"""The node agent on the real test bed: a fresh Node of the session's cluster per test, metaemu's
+node agent on it, unmodified, authenticated as metaemu-system/metaemu by a real pod-bound
+service-account token, with the shipped configuration of manifests/node/configmap.yaml, and a Google
+stand-in that trusts the cluster's real issuer and JWKS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import secrets
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from metaemu.config import parse_config
+from metaemu.server.runner import MetaemuServer
+from metaemu.testing.fake_google import FakeGoogle
+from metaemu.testing.fake_google_sts import WorkloadIdentityProvider
+from tests.helpers import FLAVOR, SA_PATH, sample
+from tests.kube.cluster import ISSUER, KubeCluster, binaries_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFESTS = ROOT / "manifests" / "node"
+AGENT_NAMESPACE, AGENT_SA = "metaemu-system", "metaemu"
+AGENT_USER = f"system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SA}"
+GSA_ANNOTATION = "iam.gke.io/gcp-service-account"
+#: The kinds of the rendered manifests that shape what the agent may do in the API.
+POLICY_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding"}
+
+
+def rendered_manifests() -> list[dict[str, Any]]:
+    """manifests/node as `kubectl kustomize` renders it (the kubectl built with the API server)."""
+    kubectl = binaries_dir() / "kubectl"
+    out = subprocess.run([str(kubectl), "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def shipped_config() -> dict[str, Any]:
+    """The node-mode configuration in manifests/node/configmap.yaml, as shipped."""
+    configmap = next(d for d in rendered_manifests() if d["kind"] == "ConfigMap")
+    config: dict[str, Any] = yaml.safe_load(configmap["data"]["metaemu.yaml"])
+    return config
+
+
+def unique(prefix: str) -> str:
+    """A name no other test of the session uses (the cluster is shared; namespaces are never
+    deleted, as no controller-manager would finish it)."""
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class Agent:
+    """metaemu's node agent on ``node`` of the real cluster, with a Google stand-in that trusts the
+    cluster's real issuer and JWKS."""
+
+    cluster: KubeCluster
+    node: str
+    server: MetaemuServer
+    google: FakeGoogle
+    audience: str
+    token: str  # the agent's own service-account token
+    kubeconfig: Path
+    ips: Iterator[str] = field(default_factory=lambda: _pod_ips())
+
+    def metric(self, name: str, **labels: str) -> float:
+        return sample(self.server.metrics, name, **labels)
+
+    async def get(self, peer: str, path: str) -> web.Response:
+        """A request through the real handler whose TCP peer is ``peer`` (where the kernel reports it)."""
+        transport = mock.Mock()
+        transport.get_extra_info.side_effect = lambda key, default=None: (peer, 40000) if key == "peername" else default
+        request = make_mocked_request("GET", path, headers={"Host": "169.254.169.254", **FLAVOR},
+                                      transport=transport)
+        return await self.server.components.handler(request)
+
+    async def token_for(self, peer: str) -> str:
+        response = await self.get(peer, SA_PATH + "token")
+        assert response.status == 200, response.text
+        return str(json.loads(response.body)["access_token"])  # type: ignore[arg-type]
+
+    def workload(self, namespace: str, name: str, *, gsa: str | None = None, sa: str = "app") -> tuple[str, str]:
+        """A service account (annotated with ``gsa``, which Google lets it impersonate) and a Running pod
+        of it on this node; returns the pod's IP and UID."""
+        annotations = {GSA_ANNOTATION: gsa} if gsa else None
+        self.cluster.service_account(namespace, sa, annotations=annotations)
+        if gsa:
+            self.google.add_service_account(gsa)
+            self.google.grant(gsa, self.google.principal_for(self.audience, f"system:serviceaccount:{namespace}:{sa}"))
+        ip = next(self.ips)
+        uid = self.cluster.pod(namespace, name, node=self.node, service_account=sa, ip=ip, host_ip="169.254.29.1")
+        return ip, uid
+
+    async def until(self, what: str, predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+        """Poll ``predicate`` (a metric, the pod index): the watch is a real socket to a real server."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not predicate():
+            assert loop.time() < deadline, f"never saw {what}"
+            await asyncio.sleep(0.02)
+
+
+def _pod_ips() -> Iterator[str]:
+    """Pod addresses of one node (link-local: never a private or public range)."""
+    return (f"169.254.{30 + i // 250}.{1 + i % 250}" for i in itertools.count())
+
+
+def agent_token(cluster: KubeCluster, node: str) -> str:
+    """The token kubelet would project into the agent's pod on ``node``: bound to that Pod, so it
+    carries the ``authentication.kubernetes.io/node-name`` claim the node-taint policy checks."""
+    pod = unique("metaemu-agent")
+    uid = cluster.pod(AGENT_NAMESPACE, pod, node=node, service_account=AGENT_SA, ip="169.254.29.1",
+                      host_ip="169.254.29.1", host_network=True)
+    reply = cluster.token_request(AGENT_NAMESPACE, AGENT_SA, {
+        "expirationSeconds": 3600, "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}})
+    assert reply.status == 201, reply.body
+    return str(reply.body["status"]["token"])
+
+
+@contextlib.asynccontextmanager
+async def started_agent(cluster: KubeCluster, tmp_path: Path, *, taints: list[dict[str, str]] | None = None,
+                        **node_config: Any) -> AsyncIterator[Agent]:
+    node = unique("node")
+    cluster.node(node, taints=taints)
+    token = agent_token(cluster, node)
+    token_file = tmp_path / "agent.token"
+    token_file.write_text(token)
+    kubeconfig = cluster.kubeconfig(tmp_path / "agent.kubeconfig", token_file=token_file)
+    raw = shipped_config()
+    audience = str(raw["node"]["audience"])
+    google = FakeGoogle()
+    google.add_provider(WorkloadIdentityProvider(audience=audience, issuer=ISSUER, jwks=cluster.jwks()))
+    raw.update(listen="127.0.0.1:0", admin_listen="127.0.0.1:0",
+               endpoints={"sts": "http://sts.test/v1/token", "iam_credentials": "http://iam.test/v1"})
+    raw["node"].update(name=node, kubeconfig=str(kubeconfig), host_addresses=["169.254.29.1"], **node_config)
+    if taints is None:
+        raw["node"]["startup_taint"] = ""
+    server = MetaemuServer(parse_config(raw, hostname=node, base_dir=tmp_path), http=google.client())
+    await server.start()
+    agent = Agent(cluster, node, server, google, audience, token, kubeconfig)
+    try:
+        await agent.until("the agent ready", lambda: server.components.contexts.ready() is None)
+        yield agent
+    finally:
+        await server.stop()
