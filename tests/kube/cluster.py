@@ -220,13 +220,15 @@ class KubeCluster:
     # -- API ---------------------------------------------------------------------------------------
 
     def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,
-                content_type: str = "application/json", accept: str = "application/json") -> Reply:
+                content_type: str = "application/json", accept: str = "application/json",
+                impersonate: str | None = None) -> Reply:
         """One API call (admin unless ``token``); returns the status and decoded body, never raises on
         an HTTP error status."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.server + path, data=data, method=method, headers={
             "Authorization": f"Bearer {token or self.admin_token}", "Accept": accept,
-            **({"Content-Type": content_type} if data is not None else {})})
+            **({"Content-Type": content_type} if data is not None else {}),
+            **({"Impersonate-User": impersonate} if impersonate else {})})
         try:
             with urllib.request.urlopen(req, context=self._ssl, timeout=30) as resp:
                 return Reply(resp.status, _json(resp.read()))
@@ -301,10 +303,18 @@ class KubeCluster:
         self.ok("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", {"gracePeriodSeconds": 0})
 
     def token_request(self, namespace: str, service_account: str, spec: dict[str, Any], *,
-                      token: str | None = None) -> Reply:
+                      token: str | None = None, impersonate: str | None = None) -> Reply:
         return self.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
                             {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
-                            token=token)
+                            token=token, impersonate=impersonate)
+
+    def wait_until(self, what: str, predicate: Any, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Poll a condition of the server (policies loading, a watch cache catching up)."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise KubeTestbedError(f"kube-apiserver: {what} not after {timeout_s:.0f} s")
+            time.sleep(0.1)
 
     # -- etcd ---------------------------------------------------------------------------------------
 

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.kube.agent import POLICY_KINDS, Agent, rendered_manifests, started_agent
+from tests.kube.agent import (
+    AGENT_NAMESPACE,
+    AGENT_SA,
+    AGENT_USER,
+    POLICY_KINDS,
+    Agent,
+    rendered_manifests,
+    started_agent,
+)
 from tests.kube.cluster import KubeCluster, binaries_dir
 
 
@@ -26,6 +34,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
         objects = [obj for obj in rendered_manifests() if obj["kind"] in POLICY_KINDS]
         applied = kube.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
         assert applied.returncode == 0, applied.stderr
+        # A new ValidatingAdmissionPolicy is enforced only once the server's policy informer has
+        # compiled it (about a second): wait for the agent's identity to be refused an API-server
+        # token, as every test expects from the start.
+        kube.wait_until("metaemu-token-request enforced", lambda: kube.token_request(
+            AGENT_NAMESPACE, AGENT_SA, {"audiences": ["policy-probe"]}, impersonate=AGENT_USER).status == 403)
         yield kube
     finally:
         kube.stop()
