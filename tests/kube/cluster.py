@@ -92,6 +92,10 @@ class KubeCluster:
         return f"https://{self.host}:{self.port}"
 
     @property
+    def running(self) -> bool:
+        return self._apiserver is not None and self._apiserver.poll() is None
+
+    @property
     def etcd_socket(self) -> Path:
         return self.dir / "etcd.sock"
 
