@@ -4,6 +4,7 @@
 #   * Go toolchain + Debian-packaged Go libraries (GOPATH mode, no module proxy):
 #       cloud.google.com/go/compute/metadata, golang.org/x/oauth2/google, google.golang.org/api/idtoken
 #   * Node: gcp-metadata + google-auth-library, pinned by tests/clients/node/package-lock.json
+#   * Java: google-auth-library-oauth2-http, current (tests/clients/java/current/pom.xml) and Debian's 0.18
 # gcloud is not installable from the registries we can reach; the tests use it only when it is on PATH.
 #
 # Idempotent and non-interactive; a no-op (well under a second) when everything is already installed.
@@ -12,6 +13,7 @@
 # Environment:
 #   SKIP_GO=1    do not install the Go toolchain/packages
 #   SKIP_NODE=1  do not run npm ci
+#   SKIP_JAVA=1  do not install the JDK, Maven, Debian's libgoogle-auth-java or the pinned current release
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,6 +60,47 @@ install_go() {
     log "go: installed in $((SECONDS - t0)) s ($(go version))"
 }
 
+# Java: google-auth-library-java in two flavours (tests/clients/java_harness.py, clients.md §8.2):
+#   * Debian's libgoogle-auth-java 0.18 (jars under /usr/share/java), plus a JDK and Maven, via apt-get;
+#   * the current release pinned in tests/clients/java/current/pom.xml, copied with its runtime dependencies
+#     from Maven Central (local repository ~/.m2) into tests/clients/java/current/build/lib (git-ignored),
+#     so the tests need no network. build/lib/.installed newer than pom.xml means it is up to date.
+# SKIP_JAVA=1 skips all of it.
+install_java() {
+    local pom_dir="$ROOT/tests/clients/java/current"
+    local lib="$pom_dir/build/lib"
+    local stamp="$lib/.installed"
+    local missing=()
+    command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
+    command -v mvn >/dev/null 2>&1 || missing+=(maven)
+    pkg_installed libgoogle-auth-java || missing+=(libgoogle-auth-java)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        if ! command -v apt-get >/dev/null 2>&1; then
+            log "java: apt-get not available; cannot install ${missing[*]}" >&2
+            return 1
+        fi
+        log "java: installing ${missing[*]} with apt-get"
+        local t0=$SECONDS
+        if ! "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"; then
+            log "java: apt-get install failed; running apt-get update and retrying"
+            "${SUDO[@]}" apt-get update
+            "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+        fi
+        log "java: installed in $((SECONDS - t0)) s"
+    fi
+    if [ -f "$stamp" ] && [ "$stamp" -nt "$pom_dir/pom.xml" ]; then
+        log "java: libgoogle-auth-java present; $lib up to date with pom.xml"
+        return 0
+    fi
+    log "java: mvn dependency:copy-dependencies in $pom_dir"
+    local t1=$SECONDS
+    rm -rf "$lib"  # no jars of an older pin left behind
+    (cd "$pom_dir" && mvn -q -B dependency:copy-dependencies)
+    touch "$stamp"
+    local jars=("$lib"/*.jar)
+    log "java: current library copied in $((SECONDS - t1)) s (${#jars[@]} jars)"
+}
+
 install_node() {
     if ! command -v npm >/dev/null 2>&1; then
         log "node: npm not found; skipping the Node client (tests that need it will skip)" >&2
@@ -87,6 +130,7 @@ install_node() {
 
 if [ "${SKIP_GO:-0}" != "1" ]; then install_go; else log "go: skipped (SKIP_GO=1)"; fi
 if [ "${SKIP_NODE:-0}" != "1" ]; then install_node; else log "node: skipped (SKIP_NODE=1)"; fi
+if [ "${SKIP_JAVA:-0}" != "1" ]; then install_java; else log "java: skipped (SKIP_JAVA=1)"; fi
 if command -v gcloud >/dev/null 2>&1; then
     log "gcloud: found at $(command -v gcloud) (preinstalled; not managed by this script)"
 else
