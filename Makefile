@@ -4,6 +4,8 @@
 # real Kubernetes control plane of the `kube` tests (scripts/kube-testenv.sh).
 
 PYTHON ?= python3
+# The machine's Go 1.26 (/usr/local/go) first, whatever PATH the caller has (CI's may lack it).
+export PATH := $(if $(wildcard /usr/local/go/bin/go),/usr/local/go/bin:)$(PATH)
 VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the real Google client libraries that metaemu's client acceptance tests drive
 # (see shared/spec/clients.md):
-#   * Go toolchain + Debian-packaged Go libraries (GOPATH mode, no module proxy):
+#   * Debian-packaged Go libraries, built with the machine's Go 1.26 in GOPATH mode (no module proxy):
 #       cloud.google.com/go/compute/metadata, golang.org/x/oauth2/google, google.golang.org/api/idtoken
 #   * Node: gcp-metadata + google-auth-library, pinned by tests/clients/node/package-lock.json
 #   * Java: google-auth-library-oauth2-http, current (tests/clients/java/current/pom.xml) and Debian's 0.18
@@ -11,7 +11,7 @@
 # Must run as root (or with passwordless sudo) on Debian 12 for the apt part.
 #
 # Environment:
-#   SKIP_GO=1    do not install the Go toolchain/packages
+#   SKIP_GO=1    do not install the Debian Go library packages
 #   SKIP_NODE=1  do not run npm ci
 #   SKIP_JAVA=1  do not install the JDK, Maven, Debian's libgoogle-auth-java or the pinned current release
 set -euo pipefail
@@ -20,7 +20,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NODE_DIR="$ROOT/tests/clients/node"
 # wrk is the load generator of benchmarks/run.py (its smoke test runs in make test).
 # prometheus provides promtool (alert unit tests); docker-compose validates docker-compose.yml offline.
-APT_PACKAGES=(golang-go golang-golang-x-oauth2-google-dev golang-google-api-dev wrk prometheus docker-compose iptables conntrack)
+APT_PACKAGES=(golang-golang-x-oauth2-google-dev golang-google-api-dev wrk prometheus docker-compose iptables conntrack)
 
 log() { printf '[install-clients] %s\n' "$*"; }
 
@@ -36,28 +36,35 @@ pkg_installed() {
 }
 
 install_go() {
+    # The machine's own Go (/usr/local/go, Go 1.26) builds the Go client and the Kubernetes test bed;
+    # Debian's golang-go is never installed, so it cannot shadow it. The -dev library packages below
+    # depend on no toolchain.
+    if [ -x /usr/local/go/bin/go ]; then PATH="/usr/local/go/bin:$PATH"; fi
+    if ! command -v go >/dev/null 2>&1; then
+        log "go: no Go toolchain (expected Go 1.26 at /usr/local/go; see README, Quickstart)" >&2
+        return 1
+    fi
     local missing=()
     local p
     for p in "${APT_PACKAGES[@]}"; do
         pkg_installed "$p" || missing+=("$p")
     done
-    if command -v go >/dev/null 2>&1 && [ "${#missing[@]}" -eq 0 ]; then
-        log "go: already installed ($(go version 2>/dev/null || echo '?')); Debian Go packages present"
+    if [ "${#missing[@]}" -eq 0 ]; then
+        log "go: $(go version | awk '{print $3}') at $(command -v go); Debian Go library packages present"
         return 0
     fi
     if ! command -v apt-get >/dev/null 2>&1; then
-        log "go: apt-get not available; cannot install ${missing[*]:-golang-go}" >&2
+        log "go: apt-get not available; cannot install ${missing[*]}" >&2
         return 1
     fi
-    [ "${#missing[@]}" -eq 0 ] && missing=(golang-go)
-    log "go: installing ${missing[*]} with apt-get"
+    log "apt: installing ${missing[*]}"
     local t0=$SECONDS
     if ! "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"; then
-        log "go: apt-get install failed; running apt-get update and retrying"
+        log "apt: install failed; running apt-get update and retrying"
         "${SUDO[@]}" apt-get update
         "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
     fi
-    log "go: installed in $((SECONDS - t0)) s ($(go version))"
+    log "apt: installed in $((SECONDS - t0)) s; go is $(command -v go) ($(go version | awk '{print $3}'))"
 }
 
 # Java: google-auth-library-java in two flavours (tests/clients/java_harness.py, clients.md §8.2):
