@@ -14,16 +14,24 @@ A control API on loopback (inside that namespace) lets the test change the clust
 
 ``python -m metaemu.testing.node_world --listen ADDR:PORT --control-port N --node NAME`` prints
 ``READY`` once metaemu's pod watch has synced, and stops cleanly on SIGTERM.
+
+With ``--kubeconfig FILE --cluster-jwks FILE`` there is no Kubernetes stand-in: metaemu uses that
+kubeconfig (a real API server; the test creates pods there) and the Google stand-in trusts the
+real cluster's issuer and JWKS. The control API then has ``GET /token-info``, ``GET /state`` (when
+the pod watch synced) and ``POST /grant`` ``{"gsa", "namespace", "service_account"}`` (the Google
+account exists and that Kubernetes service account may impersonate it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,29 +121,84 @@ async def serve(*, listen: str, admin_listen: str, control_port: int, node_name:
                "endpoints": {"sts": "http://sts.googleapis.test/v1/token",
                              "iam_credentials": "http://iamcredentials.test/v1"}}
         server = MetaemuServer(parse_config(raw, hostname=node_name, base_dir=Path(tmp)), http=world.google.client())
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await server.start()
-        agent = server.components.contexts
-        assert isinstance(agent, NodeAgent)
 
-        async def record_sync() -> None:
-            await agent.index.wait_synced()
+        def synced() -> None:
             world.watch_synced_at = time.time()
 
-        recorder = asyncio.create_task(record_sync())
         try:
-            while server.components.contexts.ready() is not None and not stop.is_set():  # noqa: ASYNC110
-                await asyncio.sleep(0.02)  # ready() joins the watch sync and the rules: no single event
-            print("READY", flush=True)
-            await stop.wait()
+            await _run_until_stopped(server, synced)
         finally:
-            recorder.cancel()
-            await server.stop()
             for runner in reversed(runners):
                 await runner.cleanup()
+
+
+async def serve_real(*, listen: str, admin_listen: str, control_port: int, node_name: str, host_addresses: list[str],
+                     intercept_pod_interfaces: list[str], kubeconfig: Path, cluster_jwks: dict[str, Any],
+                     audience: str) -> None:
+    """metaemu in node mode against a real API server (see the module docstring)."""
+    google = FakeGoogle()
+    google.add_provider(WorkloadIdentityProvider(audience=audience, issuer=CLUSTER_ISSUER,
+                                                 jwks=cluster_jwks))
+    synced_at: list[float] = []
+
+    async def grant(request: web.Request) -> web.Response:
+        spec = await request.json()
+        gsa = str(spec["gsa"])
+        google.add_service_account(gsa)
+        subject = f"system:serviceaccount:{spec['namespace']}:{spec['service_account']}"
+        google.grant(gsa, google.principal_for(audience, subject))
+        return web.json_response({"ok": True})
+
+    async def token_info(request: web.Request) -> web.Response:
+        info = google.token_info(request.query.get("token", ""))
+        return web.json_response({"email": info.email if info else None,
+                                  "principal": info.principal if info else None})
+
+    async def state(request: web.Request) -> web.Response:
+        return web.json_response({"watch_synced_at": synced_at[0] if synced_at else None})
+
+    control = web.Application()
+    control.router.add_post("/grant", grant)
+    control.router.add_get("/token-info", token_info)
+    control.router.add_get("/state", state)
+    runner = web.AppRunner(control, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", control_port).start()
+    raw = {"mode": "node", "listen": listen, "admin_listen": admin_listen, "profile": "gke",
+           "project_id": PROJECT_ID, "numeric_project_id": PROJECT_NUMBER,
+           "node": {"name": node_name, "audience": audience, "kubeconfig": str(kubeconfig),
+                    "host_addresses": host_addresses, "intercept_pod_interfaces": intercept_pod_interfaces},
+           "endpoints": {"sts": "http://sts.googleapis.test/v1/token",
+                         "iam_credentials": "http://iamcredentials.test/v1"}}
+    server = MetaemuServer(parse_config(raw, hostname=node_name, base_dir=kubeconfig.parent), http=google.client())
+    try:
+        await _run_until_stopped(server, lambda: synced_at.append(time.time()))
+    finally:
+        await runner.cleanup()
+
+
+async def _run_until_stopped(server: MetaemuServer, on_synced: Callable[[], None]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    agent = server.components.contexts
+    assert isinstance(agent, NodeAgent)
+
+    async def record_sync() -> None:
+        await agent.index.wait_synced()
+        on_synced()
+
+    recorder = asyncio.create_task(record_sync())
+    try:
+        while agent.ready() is not None and not stop.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # ready() joins the watch sync and the rules: no single event
+        print("READY", flush=True)
+        await stop.wait()
+    finally:
+        recorder.cancel()
+        await server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,8 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-address", action="append", default=[])
     p.add_argument("--intercept-pod-interface", action="append", default=[],
                    help="keep node-setup's rules in place for these pod interfaces (needs NET_ADMIN)")
+    p.add_argument("--kubeconfig", type=Path, help="a real API server instead of the stand-in")
+    p.add_argument("--cluster-jwks", type=Path, help="with --kubeconfig: the cluster's /openid/v1/jwks")
+    p.add_argument("--audience", default=AUDIENCE, help="with --kubeconfig: the Workload Identity provider")
     args = p.parse_args(argv)
     setup_logging("info")
+    if args.kubeconfig is not None:
+        if args.cluster_jwks is None:
+            p.error("--kubeconfig needs --cluster-jwks")
+        asyncio.run(serve_real(listen=args.listen, admin_listen=args.admin_listen, control_port=args.control_port,
+                               node_name=args.node, host_addresses=args.host_address,
+                               intercept_pod_interfaces=args.intercept_pod_interface, kubeconfig=args.kubeconfig,
+                               cluster_jwks=json.loads(args.cluster_jwks.read_text()), audience=args.audience))
+        return 0
     asyncio.run(serve(listen=args.listen, admin_listen=args.admin_listen, control_port=args.control_port,
                       node_name=args.node, host_addresses=args.host_address,
                       intercept_pod_interfaces=args.intercept_pod_interface))

@@ -142,12 +142,26 @@ class KubeCluster:
         _stop(self._apiserver)
         self._apiserver = None
 
-    def _apiserver_argv(self) -> list[str]:
+    def apiserver_in(self, exec_prefix: tuple[str, ...], name: str) -> subprocess.Popen[bytes]:
+        """A second API server of this cluster (same etcd, keys and tokens) started with
+        ``exec_prefix`` (``ip netns exec NS``) on that network namespace's own 127.0.0.1:6443, for an
+        agent that cannot reach this namespace's loopback. The caller stops it (``stop_process``);
+        clients retry until it is ready, as they would during a control-plane restart."""
+        cert, key = self.dir / f"serving-{name}.crt", self.dir / f"serving-{name}.key"
+        self._write_serving_cert(host="127.0.0.1", cert=cert, key=key)
+        log = (self.dir / f"kube-apiserver-{name}.log").open("ab")
+        return subprocess.Popen([*exec_prefix, *self._apiserver_argv(host="127.0.0.1", cert=cert, key=key)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _apiserver_argv(self, *, host: str | None = None, cert: Path | None = None,
+                        key: Path | None = None) -> list[str]:
+        host = host or self.host
         return [
             str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers=unix://{self.etcd_socket}",
-            f"--bind-address={self.host}", f"--advertise-address={self.host}", f"--secure-port={self.port}",
-            f"--tls-cert-file={self.dir / 'serving.crt'}", f"--tls-private-key-file={self.dir / 'serving.key'}",
+            f"--bind-address={host}", f"--advertise-address={host}", f"--secure-port={self.port}",
+            f"--tls-cert-file={cert or self.dir / 'serving.crt'}",
+            f"--tls-private-key-file={key or self.dir / 'serving.key'}",
             f"--client-ca-file={self.ca_file}",
             f"--token-auth-file={self.dir / 'tokens.csv'}",
             "--authorization-mode=RBAC",
@@ -206,20 +220,22 @@ class KubeCluster:
         (self.dir / "tokens.csv").write_text(f'{self.admin_token},{ADMIN},{ADMIN},"system:masters"\n')
         self.dir.joinpath("tokens.csv").chmod(0o600)
 
-    def _write_serving_cert(self) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
+    def _write_serving_cert(self, *, host: str | None = None, cert: Path | None = None,
+                            key: Path | None = None) -> None:
+        host, cert_path, key_path = host or self.host, cert or self.dir / "serving.crt", key or self.dir / "serving.key"
+        private = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
-        cert = (x509.CertificateBuilder()
+        certificate = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-                .issuer_name(self._ca_cert.subject).public_key(key.public_key())
+                .issuer_name(self._ca_cert.subject).public_key(private.public_key())
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5))
                 .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(self.host))]),
+                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
                                critical=False)
                 .sign(self._ca_key, hashes.SHA256()))
-        (self.dir / "serving.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(self.dir / "serving.key", key)
+        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        _write_key(key_path, private)
 
     # -- API ---------------------------------------------------------------------------------------
 
@@ -252,11 +268,12 @@ class KubeCluster:
     def jwks(self) -> dict[str, Any]:
         return self.ok("GET", "/openid/v1/jwks", accept="application/jwk-set+json")
 
-    def kubeconfig(self, path: Path, *, token: str | None = None, token_file: Path | None = None) -> Path:
+    def kubeconfig(self, path: Path, *, token: str | None = None, token_file: Path | None = None,
+                   server: str | None = None) -> Path:
         user: dict[str, str] = {"tokenFile": str(token_file)} if token_file else {"token": token or self.admin_token}
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": self.server,
+            "clusters": [{"name": "test", "cluster": {"server": server or self.server,
                                                        "certificate-authority": str(self.ca_file)}}],
             "users": [{"name": "test", "user": user}],
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}]}))
@@ -373,6 +390,10 @@ def _write_key(path: Path, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) 
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
     path.chmod(0o600)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    _stop(proc)
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:

@@ -1,7 +1,7 @@
 """Node mode through the real handler, NodeAgent, pod watch and pipelines, against the Kubernetes
 and Google stand-ins (the Kubernetes one over a loopback socket). The only identity input is the TCP
 peer address, set here on the request's transport exactly where the kernel's report would be; the
-network-namespace tests (test_simulated_node.py) do the same with real pod addresses.
+network-namespace tests (tests/kube/test_simulated_node.py) do the same with real pod addresses.
 
 Named after security.md's cases: SEC-08..SEC-15, SEC-25, SEC-26, SEC-34, SEC-36; GKE-05, GKE-06.
 """

@@ -1,7 +1,9 @@
-"""Node mode end to end on a simulated node (issue #4): network namespaces for a node and three pods
-joined by veth pairs on link-local addresses, the real `metaemu node-setup` rules in the node
-namespace, metaemu in node mode there (with its Kubernetes and Google stand-ins,
-metaemu.testing.node_world), and real google-auth in each pod calling plain http://169.254.169.254
+"""Node mode end to end on a simulated node (issues #4, #10): network namespaces for a node and three
+pods joined by veth pairs on link-local addresses, the real `metaemu node-setup` rules in the node
+namespace, metaemu in node mode there against the real kube-apiserver of the test bed (a second
+instance of it on the node namespace's own loopback, sharing the session's etcd: the node cannot
+reach the host's loopback) with a Google stand-in that trusts the cluster's real JWKS
+(metaemu.testing.node_world --kubeconfig), and real google-auth in each pod calling plain http://169.254.169.254
 with NO override variables. Each pod gets exactly its own service account's token; an unknown
 address and a host-network caller get none; deletion and address reuse are handled; stopping
 metaemu never lets a pod reach anything else at 169.254.169.254 (SEC-01, SEC-05, SEC-08, SEC-10,
@@ -18,18 +20,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.kube.agent import agent_token, shipped_config, unique
+from tests.kube.cluster import KubeCluster, stop_process
 from tests.node.netns import NODE_IP, SimulatedNode
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.kube, pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(c) for c in ("ip", "iptables", "conntrack")),
-    reason="needs root, iproute2, iptables and conntrack to build a simulated node")
+    reason="needs root, iproute2, iptables and conntrack to build a simulated node")]
 
 AGENT = f"{NODE_IP}:8080"
 CONTROL = 8090
+STARTUP_TAINT = {"key": "metaemu.dev/agent-not-ready", "value": "true", "effect": "NoSchedule"}
 GSA = {1: "one@demo-project.iam.gserviceaccount.com", 2: "two@demo-project.iam.gserviceaccount.com"}
 #: node-setup's log (JSON lines) for each simulated node, by its namespace.
 SETUP_LOGS: dict[str, str] = {}
@@ -44,30 +51,62 @@ except Exception as exc:
 """
 
 
+@dataclass
+class Sim:
+    node: SimulatedNode
+    agent: subprocess.Popen[str]
+    kube: KubeCluster
+    name: str  # the Node's name in the API
+    ns: dict[int, str]  # pod i's namespace: unique in the session's cluster
+
+    def pod(self, i: int, namespace: str, name: str, sa: str, gsa: str | None, *, ip: str | None = None) -> None:
+        """A Running pod of service account ``sa`` on this node at pod ``i``'s address (a kubelet's
+        report, through the status subresource); with ``gsa``, annotated and granted at Google."""
+        annotations = {"iam.gke.io/gcp-service-account": gsa} if gsa else None
+        self.kube.service_account(namespace, sa, annotations=annotations)
+        if gsa:
+            control(self.node, "POST", "/grant", {"gsa": gsa, "namespace": namespace, "service_account": sa})
+        self.kube.pod(namespace, name, node=self.name, service_account=sa, ip=ip or self.node.pod_ip(i),
+                      host_ip=NODE_IP)
+
+
 @pytest.fixture
-def cluster() -> Iterator[tuple[SimulatedNode, subprocess.Popen[str]]]:
+def simnode(cluster: KubeCluster, tmp_path: Path) -> Iterator[Sim]:
+    name = unique("simnode")
+    cluster.node(name, taints=[STARTUP_TAINT])
+    token_file = tmp_path / "agent.token"
+    token_file.write_text(agent_token(cluster, name))
+    kubeconfig = cluster.kubeconfig(tmp_path / "agent.kubeconfig", token_file=token_file,
+                                    server=f"https://127.0.0.1:{cluster.port}")
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(cluster.jwks()))
     with SimulatedNode(pods=3) as node:
-        setup = node.run_in(node.node_ns, sys.executable, "-m", "metaemu", "node-setup", "--to", AGENT,
-                            "--pod-interface", "vethpod+", check=False, timeout_s=60)
-        assert setup.returncode == 0, setup.stderr
-        SETUP_LOGS[node.node_ns] = setup.stderr
-        agent = node.popen_in(node.node_ns, sys.executable, "-m", "metaemu.testing.node_world", "--listen", AGENT,
-                              "--control-port", str(CONTROL), "--host-address", NODE_IP,
-                              "--intercept-pod-interface", "vethpod+",
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        apiserver = cluster.apiserver_in(node.exec_prefix(node.node_ns), node.node_ns)
         try:
-            assert agent.stdout is not None
-            assert agent.stdout.readline().strip() == "READY", agent.stderr.read() if agent.stderr else ""
-            for i in (1, 2, 3):  # pods 1 and 2 annotated with their own Google accounts, 3 not
-                control(node, "POST", "/pods", {"namespace": f"ns{i}", "name": f"pod{i}",
-                                                "service_account": f"ksa{i}", "ip": node.pod_ip(i), "gsa": GSA.get(i)})
-            yield node, agent
-        finally:
-            agent.terminate()
+            setup = node.run_in(node.node_ns, sys.executable, "-m", "metaemu", "node-setup", "--to", AGENT,
+                                "--pod-interface", "vethpod+", check=False, timeout_s=60)
+            assert setup.returncode == 0, setup.stderr
+            SETUP_LOGS[node.node_ns] = setup.stderr
+            agent = node.popen_in(node.node_ns, sys.executable, "-m", "metaemu.testing.node_world", "--listen", AGENT,
+                                  "--control-port", str(CONTROL), "--host-address", NODE_IP, "--node", name,
+                                  "--intercept-pod-interface", "vethpod+", "--kubeconfig", str(kubeconfig),
+                                  "--cluster-jwks", str(jwks), "--audience", str(shipped_config()["node"]["audience"]),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             try:
-                agent.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+                assert agent.stdout is not None
+                assert agent.stdout.readline().strip() == "READY", agent.stderr.read() if agent.stderr else ""
+                sim = Sim(node, agent, cluster, name, {i: unique(f"ns{i}") for i in (1, 2, 3)})
+                for i in (1, 2, 3):  # pods 1 and 2 annotated with their own Google accounts, 3 not
+                    sim.pod(i, sim.ns[i], f"pod{i}", f"ksa{i}", GSA.get(i))
+                yield sim
+            finally:
+                agent.terminate()
+                try:
+                    agent.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    agent.kill()
+        finally:
+            stop_process(apiserver)
 
 
 def control(node: SimulatedNode, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -111,8 +150,8 @@ def wait_until(predicate: Any, what: str, timeout_s: float = 10) -> None:
         time.sleep(0.2)  # the agent's watch catching up, in another process; bounded
 
 
-def test_each_pod_gets_exactly_its_own_identity(cluster: tuple[SimulatedNode, subprocess.Popen[str]]) -> None:
-    node, _ = cluster
+def test_each_pod_gets_exactly_its_own_identity(simnode: Sim) -> None:
+    node = simnode.node
     seen = {}
     for i in (1, 2, 3):
         out = client_in(node, node.pod_ns(i))
@@ -123,12 +162,12 @@ def test_each_pod_gets_exactly_its_own_identity(cluster: tuple[SimulatedNode, su
     assert seen[1][:2] == (GSA[1], GSA[1])
     assert seen[2][:2] == (GSA[2], GSA[2])
     assert seen[3][0] == "demo-project.svc.id.goog"  # not annotated: the federated principal (GKE-05)
-    assert seen[3][2].endswith("/subject/system:serviceaccount:ns3:ksa3")
+    assert seen[3][2].endswith(f"/subject/system:serviceaccount:{simnode.ns[3]}:ksa3")
 
 
 def test_unknown_address_and_host_network_get_no_token(
-        cluster: tuple[SimulatedNode, subprocess.Popen[str]]) -> None:
-    node, _ = cluster
+        simnode: Sim) -> None:
+    node = simnode.node
     stranger = node.add_pod()  # a namespace with an address no pod has in the API
     status, body = raw_get(node, node.pod_ns(stranger), "/computeMetadata/v1/instance/service-accounts/default/token")
     assert status == 403
@@ -143,21 +182,20 @@ def test_unknown_address_and_host_network_get_no_token(
 
 
 def test_deleted_pod_loses_its_identity_and_a_reused_address_gets_the_new_pods(
-        cluster: tuple[SimulatedNode, subprocess.Popen[str]]) -> None:
-    node, _ = cluster
+        simnode: Sim) -> None:
+    node = simnode.node
     path = "/computeMetadata/v1/instance/service-accounts/default/email"
     assert raw_get(node, node.pod_ns(1), path) == (200, GSA[1])
-    control(node, "DELETE", "/pods/ns1/pod1")
+    simnode.kube.delete_pod(simnode.ns[1], "pod1")
     wait_until(lambda: raw_get(node, node.pod_ns(1), path)[0] == 403, "pod1 refused after its deletion")
-    control(node, "POST", "/pods", {"namespace": "ns9", "name": "newcomer", "service_account": "ksa9",
-                                    "ip": node.pod_ip(1), "gsa": "nine@demo-project.iam.gserviceaccount.com"})
+    simnode.pod(1, unique("ns9"), "newcomer", "ksa9", "nine@demo-project.iam.gserviceaccount.com")
     wait_until(lambda: raw_get(node, node.pod_ns(1), path) == (200, "nine@demo-project.iam.gserviceaccount.com"),
                "the new pod on the reused address gets its own identity")
 
 
 def test_stopping_metaemu_never_exposes_anything_else(
-        cluster: tuple[SimulatedNode, subprocess.Popen[str]]) -> None:
-    node, agent = cluster
+        simnode: Sim) -> None:
+    node, agent = simnode.node, simnode.agent
     agent.terminate()
     assert agent.wait(timeout=15) == 0
     for i in (1, 2):
@@ -166,8 +204,8 @@ def test_stopping_metaemu_never_exposes_anything_else(
 
 
 def test_sec37_sec40_agent_keeps_the_rules_and_reports_them_in_readiness(
-        cluster: tuple[SimulatedNode, subprocess.Popen[str]]) -> None:
-    node, _ = cluster
+        simnode: Sim) -> None:
+    node = simnode.node
     metrics = node.run_in(node.node_ns, sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
                           "'http://127.0.0.1:8081/metrics', timeout=5).read().decode())").stdout
     assert "metaemu_interception_rule_present 1.0" in metrics  # SEC-40
@@ -177,18 +215,26 @@ def test_sec37_sec40_agent_keeps_the_rules_and_reports_them_in_readiness(
 
 
 def test_sec02_rules_then_watch_sync_then_the_startup_taint_is_removed(
-        cluster: tuple[SimulatedNode, subprocess.Popen[str]]) -> None:
+        simnode: Sim) -> None:
     """The node registered with metaemu's startup taint; each event's own timestamp: node-setup's
     "installed and verified" log line, metaemu's pod watch sync, the API server applying the patch."""
-    node, _ = cluster
+    node = simnode.node
     [installed] = [json.loads(line) for line in SETUP_LOGS[node.node_ns].splitlines()
                    if line.startswith("{") and json.loads(line).get("msg") == "interception installed and verified"]
     rule_installed = dt.datetime.fromisoformat(installed["time"]).timestamp()
-    wait_until(lambda: control(node, "GET", "/node")["taints"] == [], "the startup taint to be removed")
-    state = control(node, "GET", "/node")
-    [patch] = state["patches"]
-    assert patch["status"] == 200
-    assert rule_installed < state["watch_synced_at"] < patch["applied_at"]
+    def taints() -> list[dict[str, str]]:
+        return list(simnode.kube.ok("GET", f"/api/v1/nodes/{simnode.name}")["spec"].get("taints", []))
+
+    wait_until(lambda: all(t["key"] != STARTUP_TAINT["key"] for t in taints()), "the startup taint to be removed")
+    # The real server's TaintNodesByCondition added its not-ready taint to the new node: it stays.
+    assert taints() == [{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]
+    synced_at = control(node, "GET", "/state")["watch_synced_at"]
+    # When the API server applied the agent's patch: its managedFields entry (second resolution).
+    node_object = simnode.kube.ok("GET", f"/api/v1/nodes/{simnode.name}")
+    [patched] = [dt.datetime.fromisoformat(f["time"]).timestamp() for f in node_object["metadata"]["managedFields"]
+                 if f["operation"] == "Update" and f.get("subresource") is None]
+    assert rule_installed < synced_at
+    assert int(synced_at) <= patched  # the patch came after the sync, to the second the server records
     # ... and from then on a pod scheduled here is served (its own identity, as above).
     out = client_in(node, node.pod_ns(1))
     assert out.get("email") == GSA[1], out
