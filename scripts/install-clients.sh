@@ -35,6 +35,24 @@ pkg_installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" = "installed" ]
 }
 
+# apt_install WHAT PACKAGE...: install with apt-get, running apt-get update once if that fails.
+apt_install() {
+    local what="$1"
+    shift
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "$what: apt-get not available; cannot install $*" >&2
+        return 1
+    fi
+    log "$what: installing $* with apt-get"
+    local t0=$SECONDS
+    if ! "${SUDO[@]}" apt-get install -y --no-install-recommends "$@"; then
+        log "$what: apt-get install failed; running apt-get update and retrying"
+        "${SUDO[@]}" apt-get update
+        "${SUDO[@]}" apt-get install -y --no-install-recommends "$@"
+    fi
+    log "$what: installed in $((SECONDS - t0)) s"
+}
+
 install_go() {
     # The machine's own Go (/usr/local/go, Go 1.26) builds the Go client and the Kubernetes test bed;
     # Debian's golang-go is never installed, so it cannot shadow it. The -dev library packages below
@@ -53,18 +71,8 @@ install_go() {
         log "go: $(go version | awk '{print $3}') at $(command -v go); Debian Go library packages present"
         return 0
     fi
-    if ! command -v apt-get >/dev/null 2>&1; then
-        log "go: apt-get not available; cannot install ${missing[*]}" >&2
-        return 1
-    fi
-    log "apt: installing ${missing[*]}"
-    local t0=$SECONDS
-    if ! "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"; then
-        log "apt: install failed; running apt-get update and retrying"
-        "${SUDO[@]}" apt-get update
-        "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
-    fi
-    log "apt: installed in $((SECONDS - t0)) s; go is $(command -v go) ($(go version | awk '{print $3}'))"
+    apt_install go "${missing[@]}"
+    log "go: $(go version | awk '{print $3}') at $(command -v go)"
 }
 
 # Java: google-auth-library-java in two flavours (tests/clients/java_harness.py, clients.md §8.2):
@@ -81,20 +89,7 @@ install_java() {
     command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
     command -v mvn >/dev/null 2>&1 || missing+=(maven)
     pkg_installed libgoogle-auth-java || missing+=(libgoogle-auth-java)
-    if [ "${#missing[@]}" -gt 0 ]; then
-        if ! command -v apt-get >/dev/null 2>&1; then
-            log "java: apt-get not available; cannot install ${missing[*]}" >&2
-            return 1
-        fi
-        log "java: installing ${missing[*]} with apt-get"
-        local t0=$SECONDS
-        if ! "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"; then
-            log "java: apt-get install failed; running apt-get update and retrying"
-            "${SUDO[@]}" apt-get update
-            "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
-        fi
-        log "java: installed in $((SECONDS - t0)) s"
-    fi
+    if [ "${#missing[@]}" -gt 0 ]; then apt_install java "${missing[@]}"; fi
     if [ -f "$stamp" ] && [ "$stamp" -nt "$pom_dir/pom.xml" ]; then
         log "java: libgoogle-auth-java present; $lib up to date with pom.xml"
         return 0

@@ -114,12 +114,9 @@ async def serve(*, listen: str, admin_listen: str, control_port: int, node_name:
     with tempfile.TemporaryDirectory(prefix="metaemu-node-") as tmp:
         kubeconfig = world.kube.kubeconfig(Path(tmp) / "kubeconfig",
                                            server=f"http://127.0.0.1:{runners[0].addresses[0][1]}")
-        raw = {"mode": "node", "listen": listen, "admin_listen": admin_listen, "profile": "gke",
-               "project_id": PROJECT_ID, "numeric_project_id": PROJECT_NUMBER,
-               "node": {"name": node_name, "audience": AUDIENCE, "kubeconfig": str(kubeconfig),
-                        "host_addresses": host_addresses, "intercept_pod_interfaces": intercept_pod_interfaces},
-               "endpoints": {"sts": "http://sts.googleapis.test/v1/token",
-                             "iam_credentials": "http://iamcredentials.test/v1"}}
+        raw = _config(listen=listen, admin_listen=admin_listen, node_name=node_name, audience=AUDIENCE,
+                      kubeconfig=kubeconfig, host_addresses=host_addresses,
+                      intercept_pod_interfaces=intercept_pod_interfaces)
         server = MetaemuServer(parse_config(raw, hostname=node_name, base_dir=Path(tmp)), http=world.google.client())
 
         def synced() -> None:
@@ -164,17 +161,25 @@ async def serve_real(*, listen: str, admin_listen: str, control_port: int, node_
     runner = web.AppRunner(control, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", control_port).start()
-    raw = {"mode": "node", "listen": listen, "admin_listen": admin_listen, "profile": "gke",
-           "project_id": PROJECT_ID, "numeric_project_id": PROJECT_NUMBER,
-           "node": {"name": node_name, "audience": audience, "kubeconfig": str(kubeconfig),
-                    "host_addresses": host_addresses, "intercept_pod_interfaces": intercept_pod_interfaces},
-           "endpoints": {"sts": "http://sts.googleapis.test/v1/token",
-                         "iam_credentials": "http://iamcredentials.test/v1"}}
+    raw = _config(listen=listen, admin_listen=admin_listen, node_name=node_name, audience=audience,
+                  kubeconfig=kubeconfig, host_addresses=host_addresses,
+                  intercept_pod_interfaces=intercept_pod_interfaces)
     server = MetaemuServer(parse_config(raw, hostname=node_name, base_dir=kubeconfig.parent), http=google.client())
     try:
         await _run_until_stopped(server, lambda: synced_at.append(time.time()))
     finally:
         await runner.cleanup()
+
+
+def _config(*, listen: str, admin_listen: str, node_name: str, audience: str, kubeconfig: Path,
+            host_addresses: list[str], intercept_pod_interfaces: list[str]) -> dict[str, Any]:
+    """metaemu's node-mode configuration, its Google calls going to the in-process stand-in."""
+    return {"mode": "node", "listen": listen, "admin_listen": admin_listen, "profile": "gke",
+            "project_id": PROJECT_ID, "numeric_project_id": PROJECT_NUMBER,
+            "node": {"name": node_name, "audience": audience, "kubeconfig": str(kubeconfig),
+                     "host_addresses": host_addresses, "intercept_pod_interfaces": intercept_pod_interfaces},
+            "endpoints": {"sts": "http://sts.googleapis.test/v1/token",
+                          "iam_credentials": "http://iamcredentials.test/v1"}}
 
 
 async def _run_until_stopped(server: MetaemuServer, on_synced: Callable[[], None]) -> None:
