@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the real Google client libraries that metaemu's client acceptance tests drive
 # (see shared/spec/clients.md):
-#   * Debian-packaged Go libraries, built with the machine's Go 1.26 in GOPATH mode (no module proxy):
+#   * Go, built with the machine's Go 1.26: Debian's packaged libraries (GOPATH mode) and the current
+#     releases pinned by tests/clients/go/go.mod (module proxy, cached):
 #       cloud.google.com/go/compute/metadata, golang.org/x/oauth2/google, google.golang.org/api/idtoken
 #   * Node: gcp-metadata + google-auth-library, pinned by tests/clients/node/package-lock.json
 #   * Java: google-auth-library-oauth2-http, current (tests/clients/java/current/pom.xml) and Debian's 0.18
@@ -67,12 +68,11 @@ install_go() {
     for p in "${APT_PACKAGES[@]}"; do
         pkg_installed "$p" || missing+=("$p")
     done
-    if [ "${#missing[@]}" -eq 0 ]; then
-        log "go: $(go version | awk '{print $3}') at $(command -v go); Debian Go library packages present"
-        return 0
-    fi
-    apt_install go "${missing[@]}"
-    log "go: $(go version | awk '{print $3}') at $(command -v go)"
+    if [ "${#missing[@]}" -gt 0 ]; then apt_install go "${missing[@]}"; fi
+    # The current libraries of the same client, pinned by its go.mod + go.sum: into the module
+    # cache now, so the test builds without the network (a no-op once cached).
+    (cd "$ROOT/tests/clients/go" && GOFLAGS=-mod=readonly GOTOOLCHAIN=local go mod download)
+    log "go: $(go version | awk '{print $3}') at $(command -v go); Debian Go libraries and tests/clients/go/go.mod modules present"
 }
 
 # Java: google-auth-library-java in two flavours (tests/clients/java_harness.py, clients.md §8.2):

@@ -3,8 +3,9 @@
 Drivers (see ``shared/spec/clients.md``; install them with ``scripts/install-clients.sh``):
 
 * Node: ``tests/clients/node/client.js`` (``gcp-metadata`` + ``google-auth-library``, pinned by the lockfile);
-* Go: ``tests/clients/go`` (Debian-packaged ``cloud.google.com/go/compute/metadata``,
-  ``golang.org/x/oauth2/google`` and ``google.golang.org/api/idtoken``, built in GOPATH mode);
+* Go: ``tests/clients/go`` (``cloud.google.com/go/compute/metadata``, ``golang.org/x/oauth2/google`` and
+  ``google.golang.org/api/idtoken``): Debian's packages in GOPATH mode, or the current releases pinned by
+  its go.mod + go.sum;
 * gcloud: the preinstalled CLI, when it is on ``PATH``.
 
 Every client process is started with :func:`client_env`, which builds a minimal environment from scratch
@@ -88,7 +89,7 @@ _PASSTHROUGH_ENV_VARS = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "SYSTEMROOT
 _FORBIDDEN_HOSTS = ("169.254.169.254", "metadata.google.internal", "fd20:ce::254")
 
 _go_lock = threading.Lock()
-_go_binary: Path | None = None
+_go_binaries: dict[str, Path] = {}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -174,14 +175,21 @@ def node_available() -> bool:
     )
 
 
-def go_available() -> bool:
-    """``go`` is on PATH and the Debian Go library packages are installed under /usr/share/gocode."""
+def go_available(flavour: str = "debian") -> bool:
+    """``go`` is on PATH (or at /usr/local/go) and, for ``debian``, the Debian Go library packages are
+    installed under /usr/share/gocode; ``current`` builds from the module cache / proxy."""
+    if _go() is None:
+        return False
+    if flavour == "current":
+        return True
     src = GOPATH / "src"
-    return (
-        shutil.which("go") is not None
-        and (src / "cloud.google.com" / "go" / "compute" / "metadata").is_dir()
-        and (src / "golang.org" / "x" / "oauth2" / "google").is_dir()
-    )
+    return (src / "cloud.google.com" / "go" / "compute" / "metadata").is_dir() and (
+        src / "golang.org" / "x" / "oauth2" / "google").is_dir()
+
+
+def _go() -> str | None:
+    """The machine's Go (/usr/local/go) first, as build.sh does."""
+    return shutil.which("go", path=f"/usr/local/go/bin:{os.environ.get('PATH', os.defpath)}")
 
 
 def gcloud_available() -> bool:
@@ -263,30 +271,34 @@ def run_node_client(
     return _parse_json_result("node", proc, check)
 
 
-def build_go_client(out_dir: Path, *, timeout: float = 300.0) -> Path:
-    """Build the Go client with ``tests/clients/go/build.sh`` into ``out_dir``; return the binary's path.
+def build_go_client(out_dir: Path, *, flavour: str = "debian", timeout: float = 300.0) -> Path:
+    """Build the Go client with ``tests/clients/go/build.sh FLAVOUR`` into ``out_dir``; return the binary.
 
-    Built once per process: later calls return the first binary while it still exists. The build falls
-    back to ``-tags noidtoken`` (``id_token`` is then ``null``) when ``google.golang.org/api/idtoken`` does
-    not build.
+    ``debian``: GOPATH mode against Debian's packages (falls back to ``-tags noidtoken``, ``id_token``
+    then ``null``, when ``google.golang.org/api/idtoken`` does not build). ``current``: module mode
+    against go.mod + go.sum, from the user's module cache. Both keep a build cache in
+    ``~/.cache/metaemu/go-client``, so a second build is fast and needs no network. Built once per
+    process and flavour: later calls return the first binary while it still exists.
     """
-    global _go_binary
     with _go_lock:
-        if _go_binary is not None and _go_binary.is_file():
-            return _go_binary
-        assert go_available(), "Go client not installed: run scripts/install-clients.sh"
+        cached = _go_binaries.get(flavour)
+        if cached is not None and cached.is_file():
+            return cached
+        assert go_available(flavour), f"Go client ({flavour}) not installed: run scripts/install-clients.sh"
         out_dir.mkdir(parents=True, exist_ok=True)
-        binary = out_dir / "metaemu-go-client"
+        binary = out_dir / f"metaemu-go-client-{flavour}"
         env = {name: os.environ[name] for name in _PASSTHROUGH_ENV_VARS if name in os.environ}
-        env.update({"HOME": str(out_dir), "GOCACHE": str(out_dir / ".gocache"), "TMPDIR": str(out_dir)})
-        proc = _run(["bash", str(GO_DIR / "build.sh"), str(binary)], env, timeout)
+        home = Path.home()
+        env.update({name: os.environ[name] for name in ("GOPROXY", "GOMODCACHE", "GOPATH") if name in os.environ})
+        env.update({"HOME": str(home), "TMPDIR": str(out_dir),
+                    "GOCACHE": str(home / ".cache" / "metaemu" / "go-client")})
+        proc = _run(["bash", str(GO_DIR / "build.sh"), flavour, str(binary)], env, timeout)
         if proc.returncode != 0 or not binary.is_file():
             raise AssertionError(
-                f"Go client build failed (exit {proc.returncode})\n"
+                f"Go client build ({flavour}) failed (exit {proc.returncode})\n"
                 f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
             )
-        shutil.rmtree(out_dir / ".gocache", ignore_errors=True)
-        _go_binary = binary
+        _go_binaries[flavour] = binary
         return binary
 
 

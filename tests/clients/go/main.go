@@ -1,9 +1,9 @@
-// Test driver for metaemu: runs the real Debian-packaged Go client libraries
-// (cloud.google.com/go/compute/metadata 0.56, golang.org/x/oauth2/google 0.3,
-// optionally google.golang.org/api/idtoken 0.61) against the metadata server named by
-// GCE_METADATA_HOST.
+// Test driver for metaemu: runs the real Go client libraries (cloud.google.com/go/compute/metadata,
+// golang.org/x/oauth2/google, google.golang.org/api/idtoken) against the metadata server named by
+// GCE_METADATA_HOST, in two flavours from this one source (build.sh): the current releases pinned by
+// go.mod + go.sum (module mode), and Debian 12's packages (metadata 0.56, oauth2 0.3, api 0.61;
+// GOPATH mode, where go.mod is ignored).
 //
-// Build (GOPATH mode, no module proxy): see build.sh.
 // Usage: metaemu-go-client AUDIENCE
 // Prints ONE JSON object on stdout, or {"error": "...", "stage": "..."} and exits 1.
 package main
