@@ -1,25 +1,20 @@
-"""A simulated node's whole world in one process, for node-mode tests: a Kubernetes API stand-in,
-Google STS and IAM Credentials stand-ins that trust its service-account issuer, and metaemu itself in
-``mode: node``. It is meant to run inside the node's network namespace of a simulated node
-(tests/node/netns.py), so pods in their own namespaces reach metaemu through the real interception
-rule, and metaemu sees their real addresses.
+"""metaemu in ``mode: node`` for a simulated node, against a real API server: run inside the node's
+network namespace (tests/node/netns.py, tests/kube/test_simulated_node.py), so pods in their own
+namespaces reach it through the real interception rule and it sees their real addresses. Its
+Kubernetes is the test bed's kube-apiserver (``--kubeconfig``; the test creates and deletes pods
+there); its Google is the in-process STS / IAM Credentials stand-in, trusting the real cluster's
+issuer and JWKS (``--cluster-jwks``).
 
-A control API on loopback (inside that namespace) lets the test change the cluster:
+A control API on loopback (inside that namespace), for what only the Google stand-in knows:
 
-    POST   /pods                    {"namespace", "name", "service_account", "ip", "gsa"?, "host_network"?}
-    DELETE /pods/{namespace}/{name}?grace=1   (grace: only mark terminating)
-    GET    /token-info?token=...    what the Google stand-in knows of an access token (its email)
-    GET    /node                    the node's taints, when metaemu's pod watch synced and when its
-                                    startup-taint patches were applied (Unix times; SEC-02)
+    POST /grant              {"gsa", "namespace", "service_account"}: the Google account exists and
+                             that Kubernetes service account may impersonate it
+    GET  /token-info?token=  what the Google stand-in knows of an access token (email, principal)
+    GET  /state              when metaemu's pod watch synced (Unix time; SEC-02)
 
-``python -m metaemu.testing.node_world --listen ADDR:PORT --control-port N --node NAME`` prints
-``READY`` once metaemu's pod watch has synced, and stops cleanly on SIGTERM.
-
-With ``--kubeconfig FILE --cluster-jwks FILE`` there is no Kubernetes stand-in: metaemu uses that
-kubeconfig (a real API server; the test creates pods there) and the Google stand-in trusts the
-real cluster's issuer and JWKS. The control API then has ``GET /token-info``, ``GET /state`` (when
-the pod watch synced) and ``POST /grant`` ``{"gsa", "namespace", "service_account"}`` (the Google
-account exists and that Kubernetes service account may impersonate it).
+``python -m metaemu.testing.node_world --listen ADDR:PORT --control-port N --node NAME --kubeconfig F
+--cluster-jwks F`` prints ``READY`` once metaemu is ready (watch synced, rules in place) and stops
+cleanly on SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,7 +24,6 @@ import asyncio
 import json
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,93 +37,10 @@ from metaemu.pods.agent import NodeAgent
 from metaemu.server.runner import MetaemuServer
 from metaemu.testing.fake_google import FakeGoogle
 from metaemu.testing.fake_google_sts import WorkloadIdentityProvider
-from metaemu.testing.fake_issuer import FakeIssuer
-from metaemu.testing.fake_kubernetes import FakeKubernetes
 from metaemu.testing.world import AUDIENCE, CLUSTER_ISSUER, PROJECT_ID, PROJECT_NUMBER
 
-GSA_ANNOTATION = "iam.gke.io/gcp-service-account"
-#: The node registers with it, as the README's install guide asks; metaemu removes it once ready.
-STARTUP_TAINT = {"key": "metaemu.dev/agent-not-ready", "value": "true", "effect": "NoSchedule"}
 
-
-class NodeWorld:
-    def __init__(self, *, node_name: str) -> None:
-        self.node_name = node_name
-        self.kube = FakeKubernetes(issuer=FakeIssuer(issuer=CLUSTER_ISSUER))
-        self.google = FakeGoogle()
-        self.google.add_provider(WorkloadIdentityProvider(audience=AUDIENCE, issuer=CLUSTER_ISSUER,
-                                                          jwks=self.kube.issuer.jwks()))
-        self.watch_synced_at: float | None = None
-
-    def add_pod(self, spec: dict[str, Any]) -> None:
-        namespace, sa = str(spec["namespace"]), str(spec.get("service_account", "default"))
-        gsa = spec.get("gsa")
-        if (namespace, sa) not in self.kube.store.service_accounts:
-            self.kube.add_service_account(namespace, sa, annotations={GSA_ANNOTATION: gsa} if gsa else None)
-        if gsa:
-            self.google.add_service_account(str(gsa))
-            subject = f"system:serviceaccount:{namespace}:{sa}"
-            self.google.grant(str(gsa), self.google.principal_for(AUDIENCE, subject))
-        self.kube.add_pod(namespace, str(spec["name"]), node=self.node_name, ips=[str(spec["ip"])],
-                          service_account=sa, host_network=bool(spec.get("host_network", False)))
-
-    def control_app(self) -> web.Application:
-        async def add(request: web.Request) -> web.Response:
-            self.add_pod(await request.json())
-            return web.json_response({"ok": True})
-
-        async def delete(request: web.Request) -> web.Response:
-            grace = 30 if request.query.get("grace") else 0
-            self.kube.delete_pod(request.match_info["ns"], request.match_info["name"], grace_period_s=grace)
-            return web.json_response({"ok": True})
-
-        async def token_info(request: web.Request) -> web.Response:
-            info = self.google.token_info(request.query.get("token", ""))
-            return web.json_response({"email": info.email if info else None,
-                                      "principal": info.principal if info else None})
-
-        async def node(request: web.Request) -> web.Response:
-            return web.json_response({
-                "taints": self.kube.node_taints(self.node_name), "watch_synced_at": self.watch_synced_at,
-                "patches": [{"status": p.status, "applied_at": p.applied_at} for p in self.kube.node_patches]})
-
-        app = web.Application()
-        app.router.add_get("/node", node)
-        app.router.add_post("/pods", add)
-        app.router.add_delete("/pods/{ns}/{name}", delete)
-        app.router.add_get("/token-info", token_info)
-        return app
-
-
-async def serve(*, listen: str, admin_listen: str, control_port: int, node_name: str,
-                host_addresses: list[str], intercept_pod_interfaces: list[str]) -> None:
-    world = NodeWorld(node_name=node_name)
-    world.kube.add_node(node_name, taints=[STARTUP_TAINT])
-    runners = []
-    for app, port in ((world.kube.app(), 0), (world.control_app(), control_port)):
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)  # watch streams stay open
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-    with tempfile.TemporaryDirectory(prefix="metaemu-node-") as tmp:
-        kubeconfig = world.kube.kubeconfig(Path(tmp) / "kubeconfig",
-                                           server=f"http://127.0.0.1:{runners[0].addresses[0][1]}")
-        raw = _config(listen=listen, admin_listen=admin_listen, node_name=node_name, audience=AUDIENCE,
-                      kubeconfig=kubeconfig, host_addresses=host_addresses,
-                      intercept_pod_interfaces=intercept_pod_interfaces)
-        server = MetaemuServer(parse_config(raw, hostname=node_name, base_dir=Path(tmp)), http=world.google.client())
-
-        def synced() -> None:
-            world.watch_synced_at = time.time()
-
-        try:
-            await _run_until_stopped(server, synced)
-        finally:
-            for runner in reversed(runners):
-                await runner.cleanup()
-
-
-async def serve_real(*, listen: str, admin_listen: str, control_port: int, node_name: str, host_addresses: list[str],
+async def serve(*, listen: str, admin_listen: str, control_port: int, node_name: str, host_addresses: list[str],
                      intercept_pod_interfaces: list[str], kubeconfig: Path, cluster_jwks: dict[str, Any],
                      audience: str) -> None:
     """metaemu in node mode against a real API server (see the module docstring)."""
@@ -215,24 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-address", action="append", default=[])
     p.add_argument("--intercept-pod-interface", action="append", default=[],
                    help="keep node-setup's rules in place for these pod interfaces (needs NET_ADMIN)")
-    p.add_argument("--kubeconfig", type=Path, help="a real API server instead of the stand-in")
-    p.add_argument("--cluster-jwks", type=Path, help="with --kubeconfig: the cluster's /openid/v1/jwks")
-    p.add_argument("--audience", default=AUDIENCE, help="with --kubeconfig: the Workload Identity provider")
+    p.add_argument("--kubeconfig", type=Path, required=True, help="the agent's kubeconfig for a real API server")
+    p.add_argument("--cluster-jwks", type=Path, required=True, help="the cluster's /openid/v1/jwks")
+    p.add_argument("--audience", default=AUDIENCE, help="the Workload Identity provider")
     args = p.parse_args(argv)
     setup_logging("info")
-    if args.kubeconfig is not None:
-        if args.cluster_jwks is None:
-            p.error("--kubeconfig needs --cluster-jwks")
-        asyncio.run(serve_real(listen=args.listen, admin_listen=args.admin_listen, control_port=args.control_port,
-                               node_name=args.node, host_addresses=args.host_address,
-                               intercept_pod_interfaces=args.intercept_pod_interface, kubeconfig=args.kubeconfig,
-                               cluster_jwks=json.loads(args.cluster_jwks.read_text()), audience=args.audience))
-        return 0
     asyncio.run(serve(listen=args.listen, admin_listen=args.admin_listen, control_port=args.control_port,
                       node_name=args.node, host_addresses=args.host_address,
-                      intercept_pod_interfaces=args.intercept_pod_interface))
+                      intercept_pod_interfaces=args.intercept_pod_interface, kubeconfig=args.kubeconfig,
+                      cluster_jwks=json.loads(args.cluster_jwks.read_text()), audience=args.audience))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

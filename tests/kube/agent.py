@@ -74,14 +74,18 @@ class Agent:
     kubeconfig: Path
     ips: Iterator[str] = field(default_factory=lambda: _pod_ips())
 
+    def subject_tokens(self) -> list[str]:
+        """Every subject token the agent presented to STS (the TokenRequest tokens it got)."""
+        return [r.form["subject_token"] for r in self.google.requests if r.endpoint == "sts"]
+
     def metric(self, name: str, **labels: str) -> float:
         return sample(self.server.metrics, name, **labels)
 
-    async def get(self, peer: str, path: str) -> web.Response:
+    async def get(self, peer: str, path: str, headers: dict[str, str] | None = None) -> web.Response:
         """A request through the real handler whose TCP peer is ``peer`` (where the kernel reports it)."""
         transport = mock.Mock()
         transport.get_extra_info.side_effect = lambda key, default=None: (peer, 40000) if key == "peername" else default
-        request = make_mocked_request("GET", path, headers={"Host": "169.254.169.254", **FLAVOR},
+        request = make_mocked_request("GET", path, headers={"Host": "169.254.169.254", **FLAVOR, **(headers or {})},
                                       transport=transport)
         return await self.server.components.handler(request)
 
@@ -90,15 +94,16 @@ class Agent:
         assert response.status == 200, response.text
         return str(json.loads(response.body)["access_token"])  # type: ignore[arg-type]
 
-    def workload(self, namespace: str, name: str, *, gsa: str | None = None, sa: str = "app") -> tuple[str, str]:
+    def workload(self, namespace: str, name: str, *, gsa: str | None = None, sa: str = "app",
+                 ip: str | None = None) -> tuple[str, str]:
         """A service account (annotated with ``gsa``, which Google lets it impersonate) and a Running pod
-        of it on this node; returns the pod's IP and UID."""
+        of it on this node (at ``ip``, default the next free address); returns the pod's IP and UID."""
         annotations = {GSA_ANNOTATION: gsa} if gsa else None
         self.cluster.service_account(namespace, sa, annotations=annotations)
         if gsa:
             self.google.add_service_account(gsa)
             self.google.grant(gsa, self.google.principal_for(self.audience, f"system:serviceaccount:{namespace}:{sa}"))
-        ip = next(self.ips)
+        ip = ip or next(self.ips)
         uid = self.cluster.pod(namespace, name, node=self.node, service_account=sa, ip=ip, host_ip="169.254.29.1")
         return ip, uid
 
