@@ -18,6 +18,7 @@ Authentication: a static token for the admin (``system:masters``) and real servi
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import functools
 import ipaddress
@@ -32,6 +33,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,20 @@ class KubeCluster:
     def stop_apiserver(self) -> None:
         _stop(self._apiserver)
         self._apiserver = None
+
+    @contextlib.contextmanager
+    def standby_apiserver(self) -> Iterator[None]:
+        """While the API server is stopped: another instance of it (same etcd, keys and tokens) on
+        another loopback address, which this object's calls go to until the block ends. Clients of
+        the stopped one (the agent) see an outage while the cluster changes."""
+        assert not self.running, "stop the API server first"
+        main_host, self.host = self.host, ""
+        try:
+            self.start_apiserver()  # a fresh address, with its own serving certificate
+            yield
+        finally:
+            self.stop_apiserver()
+            self.host = main_host
 
     def apiserver_in(self, exec_prefix: tuple[str, ...], name: str) -> subprocess.Popen[bytes]:
         """A second API server of this cluster (same etcd, keys and tokens) started with
