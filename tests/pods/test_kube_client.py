@@ -1,7 +1,9 @@
-"""KubeClient, its connection settings and the node-mode token source: TokenRequest shape (SEC-25),
-errors that keep the API server's status and body, list and watch parsing (410 → relist), the
-bearer token re-read from its file, in-cluster and kubeconfig settings, and the aiohttp adapter
-streaming a watch over a real socket."""
+"""KubeClient, its connection settings and the node-mode token source on a controllable clock, with
+the faults only a stand-in can inject (410 answers, broken streams, malformed events, bookmarks on
+demand): TokenRequest shape (SEC-25), the bearer token re-read from its file, in-cluster and
+kubeconfig settings, and the aiohttp adapter streaming a watch over a real socket. What a real API
+server answers (errors with their Status bodies, list, watch, 410 for a compacted history) is
+tested against one in tests/kube/test_kube_client.py."""
 
 from __future__ import annotations
 
@@ -29,9 +31,8 @@ from metaemu.pods.stream import KubeHttp, LineStream
 from metaemu.pods.token_source import PodTokenSource
 from metaemu.pods.watch import PodIndex
 from metaemu.testing.fake_clock import FakeClock, settle
-from metaemu.testing.fake_kubernetes import AGENT_TOKEN, FakeKubernetes
+from metaemu.testing.fake_kubernetes import FakeKubernetes
 from metaemu.transport import HttpRequest, HttpResponse
-from tests.helpers import sample
 from tests.pods.support import API_SERVER, AUDIENCE, CLUSTER_ISSUER, NODE, eventually
 
 EXPIRATION_S = 3600
@@ -130,52 +131,12 @@ def test_token_lifetime_outside_the_api_limits_is_a_config_error(
         source_for(fake, kube, index, clock, caller, expiration_s=expiration_s)
 
 
-async def test_a_422_keeps_the_status_and_kubernetes_status_body(fake: FakeKubernetes, kube: KubeClient) -> None:
-    obj = fake.add_pod("apps", "web", node=NODE, ips=["10.1.0.5"], service_account="app")
-    with pytest.raises(UpstreamError) as caught:
-        await kube.create_token(namespace="apps", service_account="app", audience=AUDIENCE, pod_name="web",
-                                pod_uid=obj["metadata"]["uid"], expiration_s=300)
-    error = caught.value
-    assert (error.service, error.status, error.retryable) == ("k8s", 422, False)
-    assert error.body["kind"] == "Status"
-    assert error.body["reason"] == "Invalid"
-    assert "less than 10 minutes" in error.body["message"]
-
-
-async def test_a_403_from_rbac_is_a_permanent_error(fake: FakeKubernetes, kube: KubeClient, metrics: Metrics) -> None:
-    obj = fake.add_pod("apps", "web", node=NODE, ips=["10.1.0.5"], service_account="app")
-    fake.revoke(AGENT_TOKEN, "create serviceaccounts/token")
-    with pytest.raises(UpstreamError) as caught:
-        await kube.create_token(namespace="apps", service_account="app", audience=AUDIENCE, pod_name="web",
-                                pod_uid=obj["metadata"]["uid"], expiration_s=EXPIRATION_S)
-    assert (caught.value.status, caught.value.permanent) == (403, True)
-    assert caught.value.body["reason"] == "Forbidden"
-    assert sample(metrics, "metaemu_upstream_errors_total", backend="k8s", status="403") == 1
-
-
-async def test_a_bound_pod_with_another_uid_is_a_conflict(fake: FakeKubernetes, kube: KubeClient) -> None:
-    fake.add_pod("apps", "web", node=NODE, ips=["10.1.0.5"], service_account="app")
-    with pytest.raises(UpstreamError) as caught:
-        await kube.create_token(namespace="apps", service_account="app", audience=AUDIENCE, pod_name="web",
-                                pod_uid="stale-uid", expiration_s=EXPIRATION_S)
-    assert caught.value.status == 409
-
-
 async def test_object_names_are_not_path_injection(kube: KubeClient) -> None:
     with pytest.raises(ValueError, match="not a Kubernetes object name"):
         await kube.get_service_account("apps", "../../secrets", annotation="a")
 
 
 # -- list and watch ----------------------------------------------------------------------------------
-
-
-async def test_list_pods_returns_typed_pods_and_the_resource_version(fake: FakeKubernetes, kube: KubeClient) -> None:
-    fake.add_pod("apps", "web", node=NODE, ips=["10.1.0.5", "fd00::5"], service_account="app")
-    listing = await kube.list_pods(field_selector=f"spec.nodeName={NODE}")
-    [pod] = listing.pods
-    assert (pod.name, pod.service_account, pod.pod_ips, pod.phase) == ("web", "app", ("10.1.0.5", "fd00::5"),
-                                                                       "Running")
-    assert listing.resource_version == str(fake.store.resource_version)
 
 
 async def collect(events: AsyncIterator[WatchEvent], count: int) -> list[WatchEvent]:
@@ -201,16 +162,6 @@ async def test_watch_yields_pod_events_and_bookmarks(fake: FakeKubernetes, kube:
     assert got[1].pod.deleting
     assert got[2].pod is None
     assert got[2].resource_version == str(fake.store.resource_version)
-
-
-async def test_an_expired_resource_version_is_a_410(fake: FakeKubernetes, kube: KubeClient) -> None:
-    fake.add_pod("apps", "web", node=NODE, ips=["10.1.0.5"])
-    fake.compact()
-    events = kube.watch_pods(field_selector="", resource_version="1", timeout_s=60)
-    with pytest.raises(UpstreamError) as caught:
-        await collect(events, 1)
-    assert caught.value.status == 410
-    assert caught.value.body["reason"] == "Expired"
 
 
 async def test_a_410_answer_to_the_watch_request_is_a_410(fake: FakeKubernetes, kube: KubeClient) -> None:
