@@ -3,7 +3,7 @@ the faults only a stand-in can inject (410 answers, broken streams, malformed ev
 demand): TokenRequest shape (SEC-25), the bearer token re-read from its file, in-cluster and
 kubeconfig settings, and the aiohttp adapter streaming a watch over a real socket. What a real API
 server answers (errors with their Status bodies, list, watch, 410 for a compacted history) is
-tested against one in tests/kube/test_kube_client.py."""
+tested against one in tests/kube/test_kube_api_client.py."""
 
 from __future__ import annotations
 
