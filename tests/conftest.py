@@ -1,12 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from metaemu.testing.world import World, build_world
 from tests.helpers import Mds
+
+if TYPE_CHECKING:
+    from tests.kube.cluster import KubeCluster
 
 
 @pytest.fixture
@@ -20,3 +24,22 @@ async def mds_factory() -> AsyncIterator[list[Mds]]:
     yield clients
     for c in clients:
         await c.close()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
+    """The real test bed (issue #10): one etcd + kube-apiserver per session, with the rendered RBAC
+    and admission-policy objects of manifests/node applied as a user applies them (kubectl apply).
+    If the binaries cannot be built or the control plane cannot start, every test using it errors
+    with the reason. Shared by tests/kube and the node-mode unit tests in tests/pods."""
+    from tests.kube.session import running_cluster
+
+    with running_cluster(tmp_path_factory.mktemp("kube")) as kube:
+        yield kube
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the real API server carries the ``kube`` marker (``pytest -m kube``)."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kube)

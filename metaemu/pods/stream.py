@@ -10,7 +10,8 @@ Small N instead turns the watch into polling. So watches are read line by line a
 The extension is one method, ``HttpStreamClient.open(HttpRequest)``, an async context manager
 yielding a ``LineStream`` (status, headers, and an async iterator over newline-delimited body lines).
 Ordinary requests keep using ``HttpClient.send``. ``KubeHttp`` implements both over aiohttp; the
-Kubernetes stand-in (``metaemu.testing.fake_kubernetes``) implements both in process.
+tests' fault-injecting transport (``metaemu.testing.kube_faults``) wraps it in front of a real API
+server.
 
 Not owned here: what the lines mean (``kube_client``), deadlines on virtual time (``watch``).
 """

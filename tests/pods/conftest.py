@@ -1,6 +1,7 @@
-"""Fixtures for node-mode tests: a Kubernetes stand-in, a KubeClient talking to it in process, a pod
-index for node ``node-a`` and (on request) a running ``PodWatcher``. Everything runs on one
-``FakeClock``; nothing sleeps on real time."""
+"""Fixtures for node-mode unit tests: the session's real API server (tests/conftest.py), a fresh
+Node per test with the agent's pod-bound token for it, a KubeClient reaching the server through
+``FaultyKube`` (the faults the real server cannot show on cue), a pod index for the node and (on
+request) a running ``PodWatcher``. Agent-side time is one ``FakeClock``; nothing sleeps on it."""
 
 from __future__ import annotations
 
@@ -9,18 +10,18 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from metaemu.metrics import Metrics, create_metrics
 from metaemu.pods.kube_client import KubeClient, KubeConnection
 from metaemu.pods.pod_metrics import PodMetrics, create_pod_metrics
 from metaemu.pods.service_accounts import ServiceAccountCache
+from metaemu.pods.stream import KubeHttp
 from metaemu.pods.watch import PodIndex, PodWatcher
 from metaemu.testing.fake_clock import FakeClock
-from metaemu.testing.fake_google_tokens import new_rsa_key
-from metaemu.testing.fake_issuer import FakeIssuer
-from metaemu.testing.fake_kubernetes import AGENT_TOKEN, FakeKubernetes
-from tests.pods.support import API_SERVER, CLUSTER_ISSUER, NODE, NODE_IP
+from metaemu.testing.kube_faults import FaultyKube
+from tests.kube.agent import agent_token, unique
+from tests.kube.cluster import KubeCluster
+from tests.pods.support import HOST_IP, Pods
 
 
 @pytest.fixture
@@ -28,15 +29,11 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(scope="session")
-def cluster_key() -> rsa.RSAPrivateKey:
-    return new_rsa_key()  # RSA generation is slow; one key serves every test
-
-
 @pytest.fixture
-def fake(clock: FakeClock, cluster_key: rsa.RSAPrivateKey) -> FakeKubernetes:
-    issuer = FakeIssuer(issuer=CLUSTER_ISSUER, kid="cluster-key", clock=clock, private_key=cluster_key)
-    return FakeKubernetes(clock=clock, issuer=issuer)
+def pods(cluster: KubeCluster) -> Pods:
+    node = unique("node")
+    cluster.node(node)
+    return Pods(cluster, node)
 
 
 @pytest.fixture
@@ -50,15 +47,31 @@ def pod_metrics(metrics: Metrics) -> PodMetrics:
 
 
 @pytest.fixture
-def kube(fake: FakeKubernetes, clock: FakeClock, metrics: Metrics) -> KubeClient:
-    transport = fake.client(clock=clock)
-    return KubeClient(connection=KubeConnection(server=API_SERVER, token=AGENT_TOKEN), http=transport,
-                      stream=transport, clock=clock, metrics=metrics)
+def connection(pods: Pods) -> KubeConnection:
+    """The agent's connection with its token inline (bound to its hostNetwork pod on ``pods.node``):
+    a token file would be read in a worker thread, real I/O that ``FaultyKube`` cannot see, so a
+    test advancing the clock "when the agent is idle" could advance it mid-request."""
+    return KubeConnection(server=pods.cluster.server, token=agent_token(pods.cluster, pods.node),
+                          ca_file=pods.cluster.ca_file)
 
 
 @pytest.fixture
-def index() -> PodIndex:
-    return PodIndex(node_name=NODE, host_addresses=[NODE_IP])
+async def faulty(connection: KubeConnection, clock: FakeClock) -> AsyncIterator[FaultyKube]:
+    http = KubeHttp(ssl_context=connection.ssl_context())
+    try:
+        yield FaultyKube(http, clock=clock)
+    finally:
+        await http.close()
+
+
+@pytest.fixture
+def kube(faulty: FaultyKube, connection: KubeConnection, clock: FakeClock, metrics: Metrics) -> KubeClient:
+    return KubeClient(connection=connection, http=faulty, stream=faulty, clock=clock, metrics=metrics)
+
+
+@pytest.fixture
+def index(pods: Pods) -> PodIndex:
+    return PodIndex(node_name=pods.node, host_addresses=[HOST_IP])
 
 
 @pytest.fixture

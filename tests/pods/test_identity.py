@@ -29,9 +29,10 @@ from metaemu.pods.pod_metrics import PodMetrics
 from metaemu.pods.service_accounts import READ_TIMEOUT_S, TTL_S, ServiceAccountCache
 from metaemu.pods.watch import PodIndex
 from metaemu.testing.fake_clock import FakeClock, settle
-from metaemu.testing.fake_kubernetes import FakeKubernetes
+from metaemu.testing.kube_faults import FaultyKube
 from tests.helpers import sample
-from tests.pods.support import GSA_ANNOTATION, NODE, NODE_IP, OTHER_NODE
+from tests.kube.agent import unique
+from tests.pods.support import GSA_ANNOTATION, HOST_IP, Pods
 
 GSA = "app@proj.iam.gserviceaccount.com"
 
@@ -44,29 +45,34 @@ async def resolver(index: PodIndex, kube: KubeClient, service_accounts: ServiceA
     await r.aclose()
 
 
-def place(fake: FakeKubernetes, index: PodIndex | None, name: str, ip: str, *, sa: str = "app",
-          namespace: str = "apps", **kwargs: Any) -> dict[str, Any]:
-    """A pod in the API and (unless ``index`` is None: not yet observed) in the index."""
-    obj = fake.add_pod(namespace, name, node=kwargs.pop("node", NODE), ips=[ip], service_account=sa, **kwargs)
+def place(pods: Pods, index: PodIndex | None, name: str, ip: str, *, sa: str = "app",
+          **kwargs: Any) -> dict[str, Any]:
+    """A pod in the API and (unless ``index`` is None: not yet observed) in the index. The index is
+    fed by the test: these tests decide exactly what the watch has delivered when."""
+    obj = pods.pod(name, ip, sa=sa, **kwargs)
     if index is not None:
         index.upsert(parse_pod(obj))
     return obj
 
 
-def observe(fake: FakeKubernetes, index: PodIndex, name: str, namespace: str = "apps") -> None:
+def observe(pods: Pods, index: PodIndex, name: str) -> None:
     """The watch delivers the pod's current state."""
-    index.upsert(parse_pod(fake.store.pods[(namespace, name)]))
+    index.upsert(parse_pod(pods.get_pod(name)))
 
 
-async def drive(clock: FakeClock, call: Coroutine[Any, Any, PodIdentity | Refusal], *,
+async def drive(clock: FakeClock, faulty: FaultyKube, call: Coroutine[Any, Any, PodIdentity | Refusal], *,
                 step_s: float = 0.5, limit_s: float = 30) -> tuple[PodIdentity | Refusal, float]:
-    """Run ``call`` while advancing virtual time in steps; returns its result and the time it took."""
+    """Run ``call`` while advancing virtual time in steps, only while no call is on the wire (a real
+    round trip takes no virtual time); returns its result and the virtual time it took."""
     task = asyncio.ensure_future(call)
     started = clock.monotonic()
-    while not task.done():
+    while True:
+        await faulty.quiet()
         await settle()
         if task.done():
             break
+        if faulty.in_flight:
+            continue
         assert clock.monotonic() - started < limit_s, "resolve did not finish"
         clock.advance(step_s)
     return task.result(), clock.monotonic() - started
@@ -80,31 +86,31 @@ def lookups(metrics: Metrics, result: str) -> float:
 
 
 async def test_an_indexed_pod_resolves_to_its_own_identity(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, metrics: Metrics) -> None:
-    fake.add_service_account("apps", "app", uid="ksa-uid", annotations={GSA_ANNOTATION: GSA})
-    obj = place(fake, index, "web", "10.1.0.5")
-    identity = await resolver.resolve("10.1.0.5")
-    assert identity == PodIdentity(namespace="apps", pod_name="web", pod_uid=obj["metadata"]["uid"], ksa_name="app",
-                                   ksa_uid="ksa-uid", gsa_email=GSA)
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver, metrics: Metrics) -> None:
+    ksa_uid = pods.service_account("app", annotations={GSA_ANNOTATION: GSA})
+    obj = place(pods, index, "web", "169.254.40.5")
+    identity = await resolver.resolve("169.254.40.5")
+    assert identity == PodIdentity(namespace=pods.namespace, pod_name="web", pod_uid=obj["metadata"]["uid"],
+                                   ksa_name="app", ksa_uid=ksa_uid, gsa_email=GSA)
     assert identity.email("proj") == GSA
-    assert identity.subject == "system:serviceaccount:apps:app"
+    assert identity.subject == f"system:serviceaccount:{pods.namespace}:app"
     assert lookups(metrics, "found") == 1
-    assert fake.calls["list"] == 0  # an index hit costs no pod lookup
+    assert faulty.calls["list"] == 0  # an index hit costs no pod lookup
 
 
 async def test_an_unannotated_service_account_has_the_identity_namespace_as_email(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver) -> None:
-    place(fake, index, "web", "10.1.0.5")
-    identity = await resolver.resolve("10.1.0.5")
+        pods: Pods, index: PodIndex, resolver: IdentityResolver) -> None:
+    place(pods, index, "web", "169.254.40.5")
+    identity = await resolver.resolve("169.254.40.5")
     assert isinstance(identity, PodIdentity)
     assert identity.gsa_email is None
     assert identity.email("proj") == "proj.svc.id.goog"
 
 
 async def test_an_ipv4_mapped_peer_address_resolves_like_the_plain_one(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver) -> None:
-    place(fake, index, "web", "10.1.0.5")
-    identity = await resolver.resolve("::ffff:10.1.0.5")
+        pods: Pods, index: PodIndex, resolver: IdentityResolver) -> None:
+    place(pods, index, "web", "169.254.40.5")
+    identity = await resolver.resolve("::ffff:169.254.40.5")
     assert isinstance(identity, PodIdentity)
     assert identity.pod_name == "web"
 
@@ -113,16 +119,17 @@ async def test_an_ipv4_mapped_peer_address_resolves_like_the_plain_one(
 
 
 async def test_sec08_unknown_ip_gets_403_and_no_identity(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, clock: FakeClock, metrics: Metrics) -> None:
-    place(fake, index, "web", "10.1.0.5")
-    result, took = await drive(clock, resolver.resolve("10.1.0.99"))
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver, clock: FakeClock,
+        metrics: Metrics) -> None:
+    place(pods, index, "web", "169.254.40.5")
+    result, took = await drive(clock, faulty, resolver.resolve("169.254.40.99"))
     assert result == Refusal(status=403, reason="not_found", message=result.message)  # type: ignore[union-attr]
     assert took <= LIVE_LOOKUP_TIMEOUT_S + NEW_POD_WAIT_S
     assert lookups(metrics, "not_found") == 1
     assert lookups(metrics, "found") == 0
-    live = [r for r in fake.requests if r.endpoint == "list"]
-    assert [r.query["fieldSelector"] for r in live] == [f"status.podIP=10.1.0.99,spec.nodeName={NODE}"]
-    assert fake.token_requests == []
+    live = [r for r in faulty.requests if r.endpoint == "list"]
+    assert [r.query["fieldSelector"] for r in live] == [f"status.podIP=169.254.40.99,spec.nodeName={pods.node}"]
+    assert faulty.calls["token"] == 0
 
 
 async def test_a_garbage_peer_address_is_refused(resolver: IdentityResolver, metrics: Metrics) -> None:
@@ -132,14 +139,14 @@ async def test_a_garbage_peer_address_is_refused(resolver: IdentityResolver, met
 
 
 async def test_sec08_concurrent_requests_from_an_unknown_ip_share_one_live_lookup(
-        fake: FakeKubernetes, resolver: IdentityResolver, clock: FakeClock) -> None:
-    gate = fake.stall("list")
-    tasks = [asyncio.ensure_future(resolver.resolve("10.1.0.99")) for _ in range(20)]
+        faulty: FaultyKube, resolver: IdentityResolver, clock: FakeClock) -> None:
+    gate = faulty.stall("list")
+    tasks = [asyncio.ensure_future(resolver.resolve("169.254.40.99")) for _ in range(20)]
     await settle()
     gate.set()
-    results = [r for r, _ in [await drive(clock, _done(t)) for t in tasks]]
+    results = [r for r, _ in [await drive(clock, faulty, _done(t)) for t in tasks]]
     assert {(r.status, r.reason) for r in results if isinstance(r, Refusal)} == {(403, "not_found")}
-    assert fake.calls["list"] == 1
+    assert faulty.calls["list"] == 1
 
 
 async def _done(task: asyncio.Future[PodIdentity | Refusal]) -> PodIdentity | Refusal:
@@ -150,14 +157,14 @@ async def _done(task: asyncio.Future[PodIdentity | Refusal]) -> PodIdentity | Re
 
 
 async def test_sec09_brand_new_pod_gets_its_own_identity_once_indexed(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, clock: FakeClock, metrics: Metrics) -> None:
-    place(fake, index, "neighbour", "10.1.0.6", sa="other")
-    place(fake, None, "new", "10.1.0.5")  # in the API, not yet delivered by the watch
-    pending = asyncio.ensure_future(resolver.resolve("10.1.0.5"))
+        pods: Pods, index: PodIndex, resolver: IdentityResolver, clock: FakeClock, metrics: Metrics) -> None:
+    place(pods, index, "neighbour", "169.254.40.6", sa="other")
+    place(pods, None, "new", "169.254.40.5")  # in the API, not yet delivered by the watch
+    pending = asyncio.ensure_future(resolver.resolve("169.254.40.5"))
     await settle()
     assert not pending.done()  # waiting, bounded, for the watch
     clock.advance(1)
-    observe(fake, index, "new")
+    observe(pods, index, "new")
     identity = await pending
     assert isinstance(identity, PodIdentity)
     assert (identity.pod_name, identity.ksa_name) == ("new", "app")
@@ -165,10 +172,11 @@ async def test_sec09_brand_new_pod_gets_its_own_identity_once_indexed(
 
 
 async def test_sec09_brand_new_pod_not_indexed_in_time_gets_503_with_retry_after(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, clock: FakeClock, metrics: Metrics) -> None:
-    place(fake, index, "neighbour", "10.1.0.6", sa="other")
-    place(fake, None, "new", "10.1.0.5")
-    result, took = await drive(clock, resolver.resolve("10.1.0.5"))
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver, clock: FakeClock,
+        metrics: Metrics) -> None:
+    place(pods, index, "neighbour", "169.254.40.6", sa="other")
+    place(pods, None, "new", "169.254.40.5")
+    result, took = await drive(clock, faulty, resolver.resolve("169.254.40.5"))
     assert isinstance(result, Refusal)
     assert (result.status, result.reason, result.retry_after_s) == (503, "pending", 1)
     assert took <= 5  # SEC-09: bounded wait
@@ -180,52 +188,52 @@ async def test_sec09_brand_new_pod_not_indexed_in_time_gets_503_with_retry_after
 
 
 async def test_sec10_ip_reuse_while_the_old_pod_is_terminating_is_refused(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
-    place(fake, index, "a", "10.1.0.5", sa="ksa-a")
-    fake.delete_pod("apps", "a", grace_period_s=30)
-    observe(fake, index, "a")  # terminating, still cached
-    result, _ = await drive(clock, resolver.resolve("10.1.0.5"))  # B not created yet: nobody owns the IP
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
+    place(pods, index, "a", "169.254.40.5", sa="ksa-a")
+    pods.delete_pod("a", grace_period_s=30)
+    observe(pods, index, "a")  # terminating, still cached
+    result, _ = await drive(clock, faulty, resolver.resolve("169.254.40.5"))  # B not created yet: nobody owns the IP
     assert isinstance(result, Refusal)
     assert (result.status, result.reason) == (403, "not_found")
-    place(fake, None, "b", "10.1.0.5", sa="ksa-b")  # B takes the IP; the watch has not delivered it
-    result, _ = await drive(clock, resolver.resolve("10.1.0.5"))
+    place(pods, None, "b", "169.254.40.5", sa="ksa-b")  # B takes the IP; the watch has not delivered it
+    result, _ = await drive(clock, faulty, resolver.resolve("169.254.40.5"))
     assert isinstance(result, Refusal)
     assert (result.status, result.reason) == (503, "pending")
 
 
 async def test_sec10_ip_reuse_once_the_new_pod_is_observed_gets_the_new_identity(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver) -> None:
-    place(fake, index, "a", "10.1.0.5", sa="ksa-a")
-    fake.delete_pod("apps", "a", grace_period_s=30)
-    observe(fake, index, "a")
-    b = place(fake, index, "b", "10.1.0.5", sa="ksa-b")
-    identity = await resolver.resolve("10.1.0.5")
+        pods: Pods, index: PodIndex, resolver: IdentityResolver) -> None:
+    place(pods, index, "a", "169.254.40.5", sa="ksa-a")
+    pods.delete_pod("a", grace_period_s=30)
+    observe(pods, index, "a")
+    b = place(pods, index, "b", "169.254.40.5", sa="ksa-b")
+    identity = await resolver.resolve("169.254.40.5")
     assert isinstance(identity, PodIdentity)
     assert (identity.pod_uid, identity.ksa_name) == (b["metadata"]["uid"], "ksa-b")
-    terminating = fake.store.pods[("apps", "a")]
-    fake.delete_pod("apps", "a")
+    terminating = pods.get_pod("a")
+    pods.delete_pod("a")
     index.remove(parse_pod(terminating))
-    assert await resolver.resolve("10.1.0.5") == identity
+    assert await resolver.resolve("169.254.40.5") == identity
 
 
 async def test_sec10_ip_reuse_before_the_deletion_is_observed_is_refused_as_ambiguous(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver) -> None:
-    place(fake, index, "a", "10.1.0.5", sa="ksa-a")
-    fake.delete_pod("apps", "a")  # deleted in the API; the watch has not said so yet
-    place(fake, index, "b", "10.1.0.5", sa="ksa-b")
-    result = await resolver.resolve("10.1.0.5")
+        pods: Pods, index: PodIndex, resolver: IdentityResolver) -> None:
+    place(pods, index, "a", "169.254.40.5", sa="ksa-a")
+    pods.delete_pod("a")  # deleted in the API; the watch has not said so yet
+    place(pods, index, "b", "169.254.40.5", sa="ksa-b")
+    result = await resolver.resolve("169.254.40.5")
     assert isinstance(result, Refusal)
     assert (result.status, result.reason) == (503, "ambiguous")
 
 
 async def test_sec10_a_pod_replaced_while_its_service_account_is_read_is_not_served(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver) -> None:
-    place(fake, index, "a", "10.1.0.5", sa="ksa-a")
-    gate = fake.stall("get")
-    pending = asyncio.ensure_future(resolver.resolve("10.1.0.5"))
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver) -> None:
+    place(pods, index, "a", "169.254.40.5", sa="ksa-a")
+    gate = faulty.stall("get")
+    pending = asyncio.ensure_future(resolver.resolve("169.254.40.5"))
     await settle()
-    fake.delete_pod("apps", "a", grace_period_s=30)
-    observe(fake, index, "a")
+    pods.delete_pod("a", grace_period_s=30)
+    observe(pods, index, "a")
     gate.set()
     result = await pending
     assert isinstance(result, Refusal)
@@ -236,15 +244,15 @@ async def test_sec10_a_pod_replaced_while_its_service_account_is_read_is_not_ser
 
 
 async def test_sec11_two_candidates_for_one_ip_get_503_never_a_guess(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, metrics: Metrics) -> None:
-    place(fake, index, "one", "10.1.0.5", sa="ksa-1")
-    place(fake, index, "two", "10.1.0.5", sa="ksa-2")
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver, metrics: Metrics) -> None:
+    place(pods, index, "one", "169.254.40.5", sa="ksa-1")
+    place(pods, index, "two", "169.254.40.5", sa="ksa-2")
     for _ in range(3):
-        result = await resolver.resolve("10.1.0.5")
+        result = await resolver.resolve("169.254.40.5")
         assert isinstance(result, Refusal)
         assert (result.status, result.reason, result.retry_after_s) == (503, "ambiguous", 5)
     assert lookups(metrics, "ambiguous") == 3
-    assert fake.calls["get"] == 0  # not even the service accounts were looked at
+    assert faulty.calls["get"] == 0  # not even the service accounts were looked at
 
 
 # -- SEC-12 terminal pods ----------------------------------------------------------------------------
@@ -252,19 +260,20 @@ async def test_sec11_two_candidates_for_one_ip_get_503_never_a_guess(
 
 @pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
 async def test_sec12_terminal_pods_get_no_identity(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, clock: FakeClock, phase: str) -> None:
-    place(fake, index, "job", "10.1.0.5", phase=phase)
-    result, _ = await drive(clock, resolver.resolve("10.1.0.5"))
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver, clock: FakeClock,
+        phase: str) -> None:
+    place(pods, index, "job", "169.254.40.5", phase=phase)
+    result, _ = await drive(clock, faulty, resolver.resolve("169.254.40.5"))
     assert isinstance(result, Refusal)
     assert (result.status, result.reason) == (403, "not_found")
 
 
 async def test_sec12_a_terminating_pod_gets_no_identity(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
-    place(fake, index, "web", "10.1.0.5")
-    fake.delete_pod("apps", "web", grace_period_s=30)
-    observe(fake, index, "web")
-    result, _ = await drive(clock, resolver.resolve("10.1.0.5"))
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
+    place(pods, index, "web", "169.254.40.5")
+    pods.delete_pod("web", grace_period_s=30)
+    observe(pods, index, "web")
+    result, _ = await drive(clock, faulty, resolver.resolve("169.254.40.5"))
     assert isinstance(result, Refusal)
     assert result.status == 403
 
@@ -273,40 +282,42 @@ async def test_sec12_a_terminating_pod_gets_no_identity(
 
 
 async def test_sec13_a_pod_of_another_node_is_rejected(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
-    place(fake, index, "far", "10.2.0.5", node=OTHER_NODE)  # even if it were offered to the index
-    result, _ = await drive(clock, resolver.resolve("10.2.0.5"))
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
+    other = pods.cluster.node(unique("node"))["metadata"]["name"]
+    place(pods, index, "far", "169.254.50.5", node=other)  # even if it were offered to the index
+    result, _ = await drive(clock, faulty, resolver.resolve("169.254.50.5"))
     assert isinstance(result, Refusal)
     assert (result.status, result.reason) == (403, "not_found")
-    assert fake.requests[-1].query["fieldSelector"].endswith(f"spec.nodeName={NODE}")
+    assert faulty.requests[-1].query["fieldSelector"].endswith(f"spec.nodeName={pods.node}")
 
 
 # -- SEC-14 hostNetwork ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("peer", [NODE_IP, "127.0.0.1", "::1", "::ffff:127.0.0.1"])
+@pytest.mark.parametrize("peer", [HOST_IP, "127.0.0.1", "::1", "::ffff:127.0.0.1"])
 async def test_sec14_the_nodes_own_addresses_get_403(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, metrics: Metrics, peer: str) -> None:
-    place(fake, index, "squatter", NODE_IP)  # a candidate claiming the node IP changes nothing
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver, metrics: Metrics,
+        peer: str) -> None:
+    place(pods, index, "squatter", HOST_IP)  # a candidate claiming the node IP changes nothing
     result = await resolver.resolve(peer)
     assert isinstance(result, Refusal)
     assert (result.status, result.reason) == (403, "host_network")
     assert lookups(metrics, "host_network") == 1
-    assert fake.calls["list"] == 0
+    assert faulty.calls["list"] == 0
 
 
 async def test_sec14_a_host_network_pod_gets_403(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, metrics: Metrics) -> None:
-    place(fake, index, "ds", "10.0.0.11", host_network=True)
-    result = await resolver.resolve("10.0.0.11")
+        pods: Pods, index: PodIndex, resolver: IdentityResolver, metrics: Metrics) -> None:
+    place(pods, index, "ds", "169.254.29.11", host_network=True)
+    result = await resolver.resolve("169.254.29.11")
     assert isinstance(result, Refusal)
     assert (result.status, result.reason) == (403, "host_network")
 
 
 async def test_sec14_a_host_network_pod_seen_only_by_the_live_lookup_gets_403(
-        fake: FakeKubernetes, resolver: IdentityResolver, clock: FakeClock) -> None:
-    place(fake, None, "ds", "10.0.0.12", host_network=True)
-    result, _ = await drive(clock, resolver.resolve("10.0.0.12"))
+        pods: Pods, faulty: FaultyKube, resolver: IdentityResolver, clock: FakeClock) -> None:
+    place(pods, None, "ds", "169.254.29.12", host_network=True)
+    result, _ = await drive(clock, faulty, resolver.resolve("169.254.29.12"))
     assert isinstance(result, Refusal)
     assert result.reason == "host_network"
 
@@ -327,17 +338,17 @@ class _Transport:
 
 
 @pytest.mark.parametrize("headers", [
-    {"X-Forwarded-For": "10.1.0.6"}, {"X-Real-IP": "10.1.0.6"}, {"Forwarded": "for=10.1.0.6"},
-    {"podname": "other", "podns": "apps"}, {"X-Client-IP": "10.1.0.6"}, {},
+    {"X-Forwarded-For": "169.254.40.6"}, {"X-Real-IP": "169.254.40.6"}, {"Forwarded": "for=169.254.40.6"},
+    {"podname": "other", "podns": "apps"}, {"X-Client-IP": "169.254.40.6"}, {},
 ])
 async def test_sec15_headers_and_query_parameters_never_change_the_identity(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, headers: dict[str, str]) -> None:
-    place(fake, index, "caller", "10.1.0.5", sa="caller")
-    place(fake, index, "victim", "10.1.0.6", sa="victim")
-    request = make_mocked_request("GET", "/computeMetadata/v1/instance/service-accounts/default/token?ip=10.1.0.6",
-                                  headers=headers, transport=_Transport(("10.1.0.5", 40000)))
-    spoofed = request.clone(remote="10.1.0.6")  # what a forwarded-header middleware would do
-    assert peer_ip_of(request) == peer_ip_of(spoofed) == "10.1.0.5"
+        pods: Pods, index: PodIndex, resolver: IdentityResolver, headers: dict[str, str]) -> None:
+    place(pods, index, "caller", "169.254.40.5", sa="caller")
+    place(pods, index, "victim", "169.254.40.6", sa="victim")
+    request = make_mocked_request("GET", "/computeMetadata/v1/instance/service-accounts/default/token?ip=169.254.40.6",
+                                  headers=headers, transport=_Transport(("169.254.40.5", 40000)))
+    spoofed = request.clone(remote="169.254.40.6")  # what a forwarded-header middleware would do
+    assert peer_ip_of(request) == peer_ip_of(spoofed) == "169.254.40.5"
     peer = peer_ip_of(spoofed)
     assert peer is not None
     identity = await resolver.resolve(peer)
@@ -386,13 +397,13 @@ def test_an_identity_key_is_for_scopes_or_an_audience() -> None:
 
 
 async def test_sec26_an_annotation_change_gives_a_new_key_within_the_ttl(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
-    fake.add_service_account("apps", "app", annotations={GSA_ANNOTATION: GSA})
-    place(fake, index, "web", "10.1.0.5")
-    before = await resolver.resolve("10.1.0.5")
-    fake.annotate_sa("apps", "app", GSA_ANNOTATION, "moved@proj.iam.gserviceaccount.com")
+        pods: Pods, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
+    pods.service_account("app", annotations={GSA_ANNOTATION: GSA})
+    place(pods, index, "web", "169.254.40.5")
+    before = await resolver.resolve("169.254.40.5")
+    pods.annotate_sa("app", GSA_ANNOTATION, "moved@proj.iam.gserviceaccount.com")
     clock.advance(TTL_S)
-    after = await resolver.resolve("10.1.0.5")
+    after = await resolver.resolve("169.254.40.5")
     assert isinstance(before, PodIdentity)
     assert isinstance(after, PodIdentity)
     assert after.gsa_email == "moved@proj.iam.gserviceaccount.com"
@@ -400,12 +411,12 @@ async def test_sec26_an_annotation_change_gives_a_new_key_within_the_ttl(
 
 
 async def test_sec26_two_ksas_mapped_to_one_gsa_resolve_to_different_keys(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver) -> None:
+        pods: Pods, index: PodIndex, resolver: IdentityResolver) -> None:
     for name in ("one", "two"):
-        fake.add_service_account("apps", name, annotations={GSA_ANNOTATION: GSA})
-    place(fake, index, "p1", "10.1.0.5", sa="one")
-    place(fake, index, "p2", "10.1.0.6", sa="two")
-    first, second = await resolver.resolve("10.1.0.5"), await resolver.resolve("10.1.0.6")
+        pods.service_account(name, annotations={GSA_ANNOTATION: GSA})
+    place(pods, index, "p1", "169.254.40.5", sa="one")
+    place(pods, index, "p2", "169.254.40.6", sa="two")
+    first, second = await resolver.resolve("169.254.40.5"), await resolver.resolve("169.254.40.6")
     assert isinstance(first, PodIdentity)
     assert isinstance(second, PodIdentity)
     assert first.gsa_email == second.gsa_email
@@ -416,57 +427,57 @@ async def test_sec26_two_ksas_mapped_to_one_gsa_resolve_to_different_keys(
 
 
 async def test_a_pod_whose_service_account_is_gone_gets_403(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver) -> None:
-    place(fake, index, "web", "10.1.0.5")
-    fake.delete_service_account("apps", "app")
-    result = await resolver.resolve("10.1.0.5")
+        pods: Pods, index: PodIndex, resolver: IdentityResolver) -> None:
+    place(pods, index, "web", "169.254.40.5")
+    pods.delete_service_account("app")
+    result = await resolver.resolve("169.254.40.5")
     assert isinstance(result, Refusal)
     assert (result.status, result.reason) == (403, "service_account_not_found")
 
 
 async def test_sec36_known_pods_keep_resolving_during_an_api_outage(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
-    place(fake, index, "web", "10.1.0.5")
-    known = await resolver.resolve("10.1.0.5")
-    fake.outage()
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
+    place(pods, index, "web", "169.254.40.5")
+    known = await resolver.resolve("169.254.40.5")
+    faulty.outage()
     clock.advance(TTL_S * 20)
-    assert await resolver.resolve("10.1.0.5") == known
+    assert await resolver.resolve("169.254.40.5") == known
 
 
 async def test_sec36_unseen_pods_get_503_during_an_api_outage(
-        fake: FakeKubernetes, resolver: IdentityResolver, clock: FakeClock, metrics: Metrics) -> None:
-    fake.outage()
-    result, _ = await drive(clock, resolver.resolve("10.1.0.5"))
+        faulty: FaultyKube, resolver: IdentityResolver, clock: FakeClock, metrics: Metrics) -> None:
+    faulty.outage()
+    result, _ = await drive(clock, faulty, resolver.resolve("169.254.40.5"))
     assert isinstance(result, Refusal)
     assert (result.status, result.reason, result.retry_after_s) == (503, "api_unavailable", 5)
     assert lookups(metrics, "api_fallback") == 1
 
 
 async def test_sec36_a_stalled_api_answers_within_the_bound(
-        fake: FakeKubernetes, resolver: IdentityResolver, clock: FakeClock) -> None:
-    fake.stall("list")
-    result, took = await drive(clock, resolver.resolve("10.1.0.5"))
+        faulty: FaultyKube, resolver: IdentityResolver, clock: FakeClock) -> None:
+    faulty.stall("list")
+    result, took = await drive(clock, faulty, resolver.resolve("169.254.40.5"))
     assert isinstance(result, Refusal)
     assert result.status == 503
     assert took <= LIVE_LOOKUP_TIMEOUT_S + 0.5
-    fake.unstall("list")
+    faulty.unstall("list")
 
 
 async def test_sec36_a_known_pod_whose_service_account_was_never_read_gets_503(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver) -> None:
-    place(fake, index, "web", "10.1.0.5")
-    fake.outage("error")
-    result = await resolver.resolve("10.1.0.5")
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver) -> None:
+    place(pods, index, "web", "169.254.40.5")
+    faulty.outage("error")
+    result = await resolver.resolve("169.254.40.5")
     assert isinstance(result, Refusal)
     assert (result.status, result.reason) == (503, "api_unavailable")
 
 
 async def test_sec09_a_stalled_service_account_read_is_bounded(
-        fake: FakeKubernetes, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
-    place(fake, index, "web", "10.1.0.5")
-    fake.stall("get")
-    result, took = await drive(clock, resolver.resolve("10.1.0.5"))
+        pods: Pods, faulty: FaultyKube, index: PodIndex, resolver: IdentityResolver, clock: FakeClock) -> None:
+    place(pods, index, "web", "169.254.40.5")
+    faulty.stall("get")
+    result, took = await drive(clock, faulty, resolver.resolve("169.254.40.5"))
     assert isinstance(result, Refusal)
     assert (result.status, result.reason, result.retry_after_s) == (503, "api_unavailable", 5)
     assert took <= READ_TIMEOUT_S + 0.5
-    fake.unstall("get")
+    faulty.unstall("get")
