@@ -3,7 +3,9 @@ HTTP client for the metadata API that returns status, headers and raw body."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -38,6 +40,26 @@ async def running_server(world: World, *, clock: Clock | None = None, wait_ready
             with contextlib.suppress(Exception):
                 await creds.access.get(creds.default_scopes, wait_s=5.0)
         yield server
+
+
+async def serving_ports(proc: asyncio.subprocess.Process, *, timeout_s: float = 30.0) -> tuple[int, int, list[str]]:
+    """The metadata and admin ports of a ``metaemu serve`` child given port 0 for both, read from
+    its ``serving`` log line (so no port is picked, released and hoped to stay free), and the
+    stderr lines read up to it, which the caller's log assertions must include."""
+    assert proc.stderr is not None
+    stderr, lines = proc.stderr, []
+
+    async def serving() -> dict[str, Any]:
+        while raw := await stderr.readline():
+            lines.append(raw.decode())
+            with contextlib.suppress(ValueError):
+                record = json.loads(raw)
+                if isinstance(record, dict) and record.get("msg") == "serving":
+                    return record
+        raise AssertionError("metaemu exited before serving:\n" + "".join(lines))
+
+    record = await asyncio.wait_for(serving(), timeout_s)
+    return (int(record["listen"].rpartition(":")[2]), int(record["admin_listen"].rpartition(":")[2]), lines)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,18 +16,13 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from metaemu import __version__
 from metaemu.testing.world import World
-from tests.helpers import FLAVOR, SA_PATH
+from tests.helpers import FLAVOR, SA_PATH, serving_ports
 
 METAEMU = [sys.executable, "-m", "metaemu"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def run(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:
@@ -70,13 +65,14 @@ async def google_url(world: World) -> AsyncIterator[str]:
     await runner.cleanup()
 
 
-def write_config(world: World, google_url: str, tmp_path: Path, **extra: Any) -> tuple[Path, int, int]:
-    port, admin = free_port(), free_port()
+def write_config(world: World, google_url: str, tmp_path: Path, *, listen: str = "127.0.0.1:0",
+                 **extra: Any) -> Path:
+    """A config whose listeners default to port 0: the child binds, ``serving_ports`` reads back."""
     raw = world.config(sts_url=f"{google_url}/v1/token", iam_url=f"{google_url}/v1",
-                       listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{admin}", **extra)
+                       listen=listen, admin_listen="127.0.0.1:0", **extra)
     path = tmp_path / "metaemu.yaml"
     path.write_text(yaml.safe_dump(raw))
-    return path, port, admin
+    return path
 
 
 async def wait_ready(session: aiohttp.ClientSession, admin: int, deadline_s: float = 15.0) -> None:
@@ -93,13 +89,27 @@ async def wait_ready(session: aiohttp.ClientSession, admin: int, deadline_s: flo
     raise AssertionError("metaemu did not become ready")
 
 
+async def until_metric(session: aiohttp.ClientSession, admin: int, name: str, value: float,
+                       deadline_s: float = 15.0) -> None:
+    """Poll the child's /metrics until the unlabelled sample ``name`` reads ``value``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while loop.time() < end:
+        async with session.get(f"http://127.0.0.1:{admin}/metrics") as r:
+            for family in text_string_to_metric_families(await r.text()):
+                if any(s.name == name and not s.labels and s.value == value for s in family.samples):
+                    return
+        await asyncio.sleep(0.02)  # polling another process's state, bounded by the deadline
+    raise AssertionError(f"{name} never reached {value}")
+
+
 async def test_sec38_port_in_use_exits_2_with_a_clear_message(world: World, google_url: str,
                                                               tmp_path: Path) -> None:
-    path, port, _ = write_config(world, google_url, tmp_path)
     with socket.socket() as taken:
-        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
-        taken.bind(("127.0.0.1", port))
+        taken.bind(("127.0.0.1", 0))
         taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(world, google_url, tmp_path, listen=f"127.0.0.1:{port}")
         code, _, err = await run("serve", "--config", str(path))
     assert code == 2
     assert f"listen: cannot listen on 127.0.0.1:{port}" in err
@@ -107,12 +117,13 @@ async def test_sec38_port_in_use_exits_2_with_a_clear_message(world: World, goog
 
 async def test_sigterm_finishes_in_flight_requests_exits_0_and_sec33_logs_no_tokens(
         world: World, google_url: str, tmp_path: Path) -> None:
-    path, port, admin = write_config(world, google_url, tmp_path, log_level="debug")
+    path = write_config(world, google_url, tmp_path, log_level="debug")
     proc = await asyncio.create_subprocess_exec(*METAEMU, "serve", "--config", str(path),
                                                 stderr=asyncio.subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
     secrets: list[str] = [world.token_file.read_text()]
     try:
+        port, admin, early_logs = await serving_ports(proc)
+        base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, admin)
             async with session.get(f"http://127.0.0.1:{admin}/healthz") as r:
@@ -131,7 +142,7 @@ async def test_sigterm_finishes_in_flight_requests_exits_0_and_sec33_logs_no_tok
             # A long poll is in flight when SIGTERM arrives: it is answered, not dropped.
             poll = asyncio.create_task(session.get(
                 base + "/computeMetadata/v1/project/project-id?wait_for_change=true&timeout_sec=60", headers=FLAVOR))
-            await asyncio.sleep(0.2)  # let the long poll reach the server (child-process I/O)
+            await until_metric(session, admin, "metaemu_long_polls_in_flight", 1.0)
             proc.send_signal(signal.SIGTERM)
             async with await asyncio.wait_for(poll, 15) as r:
                 assert (r.status, await r.text()) == (200, "demo-project")
@@ -144,7 +155,7 @@ async def test_sigterm_finishes_in_flight_requests_exits_0_and_sec33_logs_no_tok
             proc.kill()
             await proc.wait()
     assert proc.stderr is not None
-    logs = (await proc.stderr.read()).decode()
+    logs = "".join(early_logs) + (await proc.stderr.read()).decode()
     lines = [json.loads(line) for line in logs.splitlines() if line.strip()]
     assert {"time", "level", "logger", "msg"} <= set(lines[0])
     assert any(line["msg"] == "refresh failed" for line in lines)

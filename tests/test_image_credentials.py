@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -212,11 +211,8 @@ async def test_an_iam_denial_fails_with_googles_reason(world: World, env: dict[s
     assert "iam returned 403: Permission 'iam.serviceAccounts.getAccessToken' denied" in result.stderr
 
 
-async def test_an_unreachable_sts_fails_without_output(world: World, env: dict[str, str]) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env["METAEMU_STS_URL"] = f"http://127.0.0.1:{port}/v1/token"
+async def test_an_unreachable_sts_fails_without_output(world: World, env: dict[str, str], refused_port: int) -> None:
+    env["METAEMU_STS_URL"] = f"http://127.0.0.1:{refused_port}/v1/token"
     result = await run(request(token=world.write_token()), env)
     assert (result.code, result.stdout) == (EXIT_FAILED, "")
     assert "sts unreachable" in result.stderr

@@ -21,8 +21,7 @@ import yaml
 from aiohttp import web
 
 from metaemu.testing.world import SERVICE_ACCOUNT, World
-from tests.helpers import FLAVOR, SA_PATH
-from tests.test_cli import free_port
+from tests.helpers import FLAVOR, SA_PATH, serving_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -70,13 +69,12 @@ async def google_url(world: World) -> AsyncIterator[str]:
 
 async def test_installed_wheel_serves_as_non_root_from_a_read_only_directory(
         image_root: Path, world: World, google_url: str) -> None:
-    port, admin = free_port(), free_port()
     etc = image_root / "etc"
     etc.mkdir(exist_ok=True)
     token = etc / "token"
     token.write_text(world.token_file.read_text())
-    raw = world.config(sts_url=f"{google_url}/v1/token", iam_url=f"{google_url}/v1", listen=f"127.0.0.1:{port}",
-                       admin_listen=f"127.0.0.1:{admin}")
+    raw = world.config(sts_url=f"{google_url}/v1/token", iam_url=f"{google_url}/v1", listen="127.0.0.1:0",
+                       admin_listen="127.0.0.1:0")
     raw["workload_identity"]["source"]["token_file"] = str(token)
     (etc / "metaemu.yaml").write_text(yaml.safe_dump(raw))
     for path in (etc, token, etc / "metaemu.yaml"):
@@ -87,6 +85,7 @@ async def test_installed_wheel_serves_as_non_root_from_a_read_only_directory(
         str(image_root / "venv/bin/metaemu"), "serve", "--config", str(etc / "metaemu.yaml"),
         cwd=str(etc), env=env, stderr=asyncio.subprocess.PIPE)
     try:
+        port, _, _ = await serving_ports(proc)
         async with aiohttp.ClientSession() as session:
             body = await _first_token(session, f"http://127.0.0.1:{port}", proc)
             assert body["token_type"] == "Bearer"

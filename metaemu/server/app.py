@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from metaemu.cache.credentials import CachedCredentials
 from metaemu.cache.refresher import Refresher
@@ -101,15 +102,25 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
 
 
 def create_metadata_app(components: Components) -> web.Application:
-    app = web.Application(client_max_size=MAX_REQUEST_BODY)
+    metadata = components.handler.__call__
+
+    @web.middleware
+    async def every_target(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # The router matches only origin-form targets ("/..."); an authority-form (CONNECT host:80)
+        # or asterisk-form (OPTIONS *) one would get aiohttp's own 404 page. Our handler answers
+        # every request itself (SEC-23: 405 with Allow), so nothing bypasses its rules.
+        if request.match_info.http_exception is not None:
+            return await metadata(request)
+        return await handler(request)
+
+    app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[every_target])
     app[COMPONENTS] = components
-    handler = components.handler.__call__
     # Every canonical path gets a plain route: aiohttp resolves those with a dict lookup rather
     # than a regex. The handler is the same either way and applies every rule itself to the raw
     # path, so routing never decides what a request may reach; the catch-all takes the rest.
     for path in components.handler.canonical_paths():
-        app.router.add_route("*", path, handler)
-    app.router.add_route("*", "/{tail:.*}", handler)
+        app.router.add_route("*", path, metadata)
+    app.router.add_route("*", "/{tail:.*}", metadata)
     app.cleanup_ctx.append(_token_refresher_ctx)
     if isinstance(components.contexts, NodeAgent):
         app.cleanup_ctx.append(components.contexts.agent_ctx)

@@ -13,11 +13,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
-from multidict import istr
+from multidict import CIMultiDictProxy, istr
 
 from metaemu.cache.credentials import CachedCredentials, IdTokenKey, ScopeKey
 from metaemu.clock import Clock
@@ -29,7 +28,7 @@ from metaemu.server.context import ContextProvider, RequestContext
 from metaemu.server.limits import RateLimiter
 from metaemu.server.metadata_tree import Body, Entry
 from metaemu.server.responses import JSON, RETRY_AFTER_S, TEXT, Responder, credential_error_text
-from metaemu.server.rules import HostAllowList, is_true, normalise_path, parse_query
+from metaemu.server.rules import HostAllowList, is_true, normalise_path, parse_query, request_authority
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class MetadataHandler:
         self._index = contexts.default_index
         self._static_context = contexts.static  # sidecar mode: one context, and the fast path
         self._static_creds = contexts.static.credentials if contexts.static else None
-        self._r = responder
+        self._r = self.responder = responder
         self._limiter = limiter
         self._max_concurrent = max_concurrent
         self._in_flight = 0
@@ -111,7 +110,7 @@ class MetadataHandler:
         if request.method != "GET":
             return None
         headers = request.headers
-        if headers.get(_FLAVOR) != "Google" or _XFF in headers:
+        if headers.get(_FLAVOR) != "Google" or _XFF in headers or len(headers.getall(_FLAVOR)) != 1:
             return None
         host = headers.get(_HOST, "")
         if host not in self._hosts_seen and not self._remember_host(host):
@@ -174,7 +173,8 @@ class MetadataHandler:
                                                           "by the metadata server.\n"))
         if request.method != "GET":
             return self._blocked("method", self._r.text(405, "Method Not Allowed\n", extra={"Allow": "GET"}))
-        if not self._hosts.allows(headers.get("Host")):
+        authority = request_authority(request.raw_path, headers.get(_HOST))
+        if authority is None or not self._hosts.allows(authority):
             return self._blocked("host", self._r.text(403, "Host header is not a name of the metadata server "
                                                            "(operators: see allowed_hosts).\n"))
         raw_path = request.rel_url.raw_path
@@ -224,11 +224,15 @@ class MetadataHandler:
         return Reply(route="(rate limited)", response=self._r.text(
             429, "Too many requests from this pod; slow down.\n", extra={"Retry-After": str(wait_s)}))
 
-    def _has_flavor(self, headers: Mapping[str, str]) -> bool:
-        if headers.get("Metadata-Flavor") == "Google":
-            return True
+    def _has_flavor(self, headers: CIMultiDictProxy[str]) -> bool:
+        # SECURITY: every copy must agree; a second, different copy is never "first one wins"
+        # (a proxy or library in between may read the other one).
+        flavors = headers.getall(_FLAVOR, ())
+        if flavors:
+            return all(f == "Google" for f in flavors)
         # the legacy header still works on GCE; the GKE server rejects it.
-        return self._gce and headers.get("X-Google-Metadata-Request", "").lower() == "true"
+        legacy = headers.getall("X-Google-Metadata-Request", ())
+        return self._gce and bool(legacy) and all(v.lower() == "true" for v in legacy)
 
     # ------------------------------------------------------------ static keys
 

@@ -1,4 +1,5 @@
-"""Request rules that run before routing: path normalisation, query parsing, Host allow-list.
+"""Request rules that run before routing: path normalisation, query parsing, Host allow-list and
+the authority an absolute-form target names.
 
 SECURITY: every spelling of a path is reduced to one canonical form *before* any decision is made
 (security.md §1 lesson 4, SEC-19; aad-pod-identity CVE-2022-23551 was a backslash path that skipped a
@@ -88,3 +89,24 @@ class HostAllowList:
             return True
         name, sep, port = host.rpartition(":")
         return bool(sep) and port.isdigit() and name in self._hosts
+
+
+def request_authority(target: str, host_header: str | None) -> str | None:
+    """The authority a request names, for the allow-list (SEC-22): the Host header for an
+    origin-form target (``/...``); for an absolute-form one, its own authority, Host ignored, as
+    RFC 9112 §3.2.2 requires (``GET http://other.host/computeMetadata/... HTTP/1.1``). None when
+    the target names none that may be judged (another scheme, userinfo, an empty authority, any
+    other form): the caller refuses it.
+    """
+    if target.startswith("/"):
+        return host_header or ""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() != "http":
+        return None
+    authority = _AUTHORITY_END.split(rest, maxsplit=1)[0]
+    if not authority or "@" in authority:
+        return None
+    return authority
+
+
+_AUTHORITY_END = re.compile(r"[/?#]")

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from functools import partial
 from types import TracebackType
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from metaemu.metrics import Metrics, create_metrics
 from metaemu.server.app import Components, build_components, create_metadata_app
 from metaemu.server.deadline import HeaderDeadline
 from metaemu.server.health import create_admin_app
+from metaemu.server.protocol import MetadataRequestHandler
 from metaemu.transport import AiohttpClient, HttpClient
 
 log = logging.getLogger(__name__)
@@ -69,22 +71,30 @@ class MetaemuServer:
         metadata = create_metadata_app(self.components)
         admin = create_admin_app(metrics=self.metrics, ready=self.components.contexts.ready,
                                  metadata_url=lambda: self.metadata_url + "/")
-        self.metadata_address = await self._bind(metadata, self.config.listen, "listen")
+        protocol = partial(MetadataRequestHandler, responder=self.components.handler.responder, metrics=self.metrics)
+        self.metadata_address = await self._bind(metadata, self.config.listen, "listen", protocol=protocol)
         self.admin_address = await self._bind(admin, self.config.admin_listen, "admin_listen")
         log.info("serving", extra={"listen": str(self.metadata_address), "admin_listen": str(self.admin_address),
                                    "profile": self.config.profile, "mode": self.config.mode,
                                    "email": self.config.email if self.config.mode == "sidecar" else None})
 
-    async def _bind(self, app: web.Application, address: HostPort, key: str) -> HostPort:
+    async def _bind(self, app: web.Application, address: HostPort, key: str, *,
+                    protocol: Callable[..., MetadataRequestHandler] | None = None) -> HostPort:
+        # handler_cancellation: a request whose client has gone is cancelled, as Go's net/http
+        # cancels its context; so a departed long poll frees its slot at once (issue #13). Token
+        # fetches are never cancelled with it: waiters only watch them (token_cache, single_flight).
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S,
-                               keepalive_timeout=IDLE_TIMEOUT_S)
+                               keepalive_timeout=IDLE_TIMEOUT_S, handler_cancellation=True)
         await runner.setup()
         self._runners.append(runner)
-        handler_factory = runner.server
-        assert handler_factory is not None
+        server = runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        handler_factory: Callable[[], asyncio.Protocol] = server if protocol is None else partial(
+            protocol, server, loop=loop, keepalive_timeout=IDLE_TIMEOUT_S, access_log=None)
         try:
             # Not TCPSite: each connection's protocol is wrapped in a read-header deadline (SEC-24).
-            listener = await asyncio.get_running_loop().create_server(
+            listener = await loop.create_server(
                 lambda: HeaderDeadline(handler_factory()), address.host, address.port, reuse_address=True)
         except OSError as exc:
             await self.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import socket
 from typing import Any
 
 import pytest
@@ -118,11 +117,8 @@ async def test_aiohttp_client_round_trips_a_form_post_to_the_fake(world: World) 
     assert recorded.form == {"grant_type": "nope"}
 
 
-async def test_aiohttp_client_turns_connection_refused_into_transport_failure() -> None:
-    with socket.socket() as probe:  # a port that was free a moment ago and has no listener
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1/token"
+async def test_aiohttp_client_turns_connection_refused_into_transport_failure(refused_port: int) -> None:
+    url = f"http://127.0.0.1:{refused_port}/v1/token"
     client = AiohttpClient()
     try:
         with pytest.raises(TransportFailure) as caught:
@@ -155,10 +151,9 @@ async def test_aiohttp_client_does_not_follow_redirects() -> None:
     assert hits == ["/v1/token"]
 
 
-async def test_aiohttp_client_ignores_proxy_environment(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead_proxy = f"http://127.0.0.1:{probe.getsockname()[1]}"
+async def test_aiohttp_client_ignores_proxy_environment(world: World, monkeypatch: pytest.MonkeyPatch,
+                                                        refused_port: int) -> None:
+    dead_proxy = f"http://127.0.0.1:{refused_port}"
     for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.setenv(name, dead_proxy)
     for name in ("NO_PROXY", "no_proxy"):

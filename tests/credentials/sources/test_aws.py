@@ -384,15 +384,9 @@ async def test_half_configured_irsa_is_a_permanent_source_error(tmp_path: Path, 
     assert "web_identity_token_file (or AWS_WEB_IDENTITY_TOKEN_FILE) is not set" in caught.value.reason
 
 
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
 async def test_aws_sts_down_is_a_transient_error_naming_the_endpoint(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, clock: FakeClock, metrics: Metrics) -> None:
-    down = closed_port_url()
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, clock: FakeClock, metrics: Metrics, refused_port: int) -> None:
+    down = f"http://127.0.0.1:{refused_port}"
     irsa_env(monkeypatch, tmp_path, down)
     with pytest.raises(SourceError) as caught:
         await aws_source(AwsSourceConfig(), clock=clock, metrics=metrics).fetch()

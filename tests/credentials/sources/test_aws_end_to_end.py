@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,14 +155,8 @@ async def test_googles_creds_json_works_unchanged_against_imdsv2(aws: AwsWorld) 
 
 # -- faults ------------------------------------------------------------------------------------------
 
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-async def test_aws_sts_down_is_503_naming_aws_sts(aws: AwsWorld) -> None:
-    down = closed_port_url()
+async def test_aws_sts_down_is_503_naming_aws_sts(aws: AwsWorld, refused_port: int) -> None:
+    down = f"http://127.0.0.1:{refused_port}"
     async with metaemu(aws, irsa(aws, down)) as (server, mds):
         reply = await mds.get(TOKEN)
         assert reply.status == 503

@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -129,10 +128,10 @@ async def test_a_revoked_login_is_a_permanent_oauth_denial_with_googles_words(
     assert sample(metrics, "metaemu_upstream_errors_total", backend="oauth", status="400") == 1
 
 
-async def test_an_unreachable_token_endpoint_is_transient(adc_file: Path) -> None:
+async def test_an_unreachable_token_endpoint_is_transient(adc_file: Path, refused_port: int) -> None:
     metrics = create_metrics()
     with pytest.raises(UpstreamError) as caught:
-        await source_for(adc_file, f"http://127.0.0.1:{closed_port()}/token", metrics).federated_token()
+        await source_for(adc_file, f"http://127.0.0.1:{refused_port}/token", metrics).federated_token()
     assert (caught.value.service, caught.value.status, caught.value.permanent) == ("oauth", 0, False)
     assert sample(metrics, "metaemu_upstream_errors_total", backend="oauth", status="0") == 1
 
@@ -298,8 +297,9 @@ async def test_without_a_service_account_the_developers_token_is_served_and_iden
         assert identity.status == 404 and "workload_identity.service_account" in identity.text
 
 
-async def test_a_down_token_endpoint_answers_503_and_counts_it(world: World, adc_file: Path) -> None:
-    async with running(world, adc_file, f"http://127.0.0.1:{closed_port()}/token", impersonate=True) as (server, mds):
+async def test_a_down_token_endpoint_answers_503_and_counts_it(world: World, adc_file: Path,
+                                                                refused_port: int) -> None:
+    async with running(world, adc_file, f"http://127.0.0.1:{refused_port}/token", impersonate=True) as (server, mds):
         reply = await mds.get(SA_PATH + "token")
         assert reply.status == 503 and "oauth unreachable" in reply.text
         assert reply.headers["Retry-After"]
@@ -334,9 +334,3 @@ async def test_no_token_material_reaches_the_logs(world: World, adc_file: Path, 
     assert "ya29." not in text
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
