@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from metaemu.cache.credentials import CachedCredentials
 from metaemu.cache.refresher import Refresher
@@ -102,25 +101,14 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
 
 
 def create_metadata_app(components: Components) -> web.Application:
-    metadata = components.handler.__call__
-
-    @web.middleware
-    async def every_target(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # The router matches only origin-form targets ("/..."); an authority-form (CONNECT host:80)
-        # or asterisk-form (OPTIONS *) one would get aiohttp's own 404 page. Our handler answers
-        # every request itself (SEC-23: 405 with Allow), so nothing bypasses its rules.
-        if request.match_info.http_exception is not None:
-            return await metadata(request)
-        return await handler(request)
-
-    app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[every_target])
+    """The metadata application: it owns the background tasks and the request factory, but routes
+    nothing. Its listener hands every request straight to ``MetadataHandler``
+    (``MetaemuServer._bind``), which applies every rule itself to the raw target: aiohttp's router
+    would only repeat the handler's own dict lookup, answer ``Expect`` itself (echoing the value;
+    a 500 when that is not UTF-8, found by the fuzz test) and give an authority-form (``CONNECT
+    host:80``) or asterisk-form (``OPTIONS *``) target its own 404 page instead of our 405."""
+    app = web.Application(client_max_size=MAX_REQUEST_BODY)
     app[COMPONENTS] = components
-    # Every canonical path gets a plain route: aiohttp resolves those with a dict lookup rather
-    # than a regex. The handler is the same either way and applies every rule itself to the raw
-    # path, so routing never decides what a request may reach; the catch-all takes the rest.
-    for path in components.handler.canonical_paths():
-        app.router.add_route("*", path, metadata)
-    app.router.add_route("*", "/{tail:.*}", metadata)
     app.cleanup_ctx.append(_token_refresher_ctx)
     if isinstance(components.contexts, NodeAgent):
         app.cleanup_ctx.append(components.contexts.agent_ctx)

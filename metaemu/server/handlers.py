@@ -27,6 +27,7 @@ from metaemu.pods.identity import Refusal
 from metaemu.server.context import ContextProvider, RequestContext
 from metaemu.server.limits import RateLimiter
 from metaemu.server.metadata_tree import Body, Entry
+from metaemu.server.protocol import MetadataRequestHandler
 from metaemu.server.responses import JSON, RETRY_AFTER_S, TEXT, Responder, credential_error_text
 from metaemu.server.rules import HostAllowList, is_true, normalise_path, parse_query, request_authority
 
@@ -211,7 +212,7 @@ class MetadataHandler:
             creds = context.credentials
             response = await (self._token(creds, params) if entry.dynamic == "token" else self._identity(creds, params))
         else:
-            response = await self._static(entry, params)
+            response = await self._static(entry, params, request)
         return Reply(route=entry.route, response=response)
 
     def _rate_limit(self, context: RequestContext) -> Reply | None:
@@ -236,7 +237,7 @@ class MetadataHandler:
 
     # ------------------------------------------------------------ static keys
 
-    async def _static(self, entry: Entry, params: dict[str, str]) -> web.Response:
+    async def _static(self, entry: Entry, params: dict[str, str], request: web.Request) -> web.Response:
         alt = params.get("alt")
         if alt not in (None, "json", "text"):
             return self._r.text(400, "alt must be 'json' or 'text'\n")
@@ -252,10 +253,11 @@ class MetadataHandler:
             body = entry.as_json if alt == "json" else entry.as_text if alt == "text" else entry.plain
         assert body is not None
         if wait:
-            return await self._long_poll(body, params)
+            gone = request.protocol.client_gone if isinstance(request.protocol, MetadataRequestHandler) else None
+            return await self._long_poll(body, params, gone)
         return self._r.ok(body.data, body.content_type, body.etag)
 
-    async def _long_poll(self, body: Body, params: dict[str, str]) -> web.Response:
+    async def _long_poll(self, body: Body, params: dict[str, str], gone: asyncio.Event | None) -> web.Response:
         """Q-10..Q-12: hold until the value changes (never, until restart) or timeout_sec passes."""
         last_etag = params.get("last_etag")
         if last_etag is not None and last_etag != body.etag:  # Q-11: stale etag -> answer now
@@ -269,11 +271,27 @@ class MetadataHandler:
         self._metrics.long_polls.inc()
         try:
             hold = min(float(timeout), LONG_POLL_CAP_S) if timeout is not None else LONG_POLL_CAP_S
-            await self._clock.sleep(hold, until=self.shutdown)
+            await self._hold(hold, gone)
         finally:
             self._long_polls -= 1
             self._metrics.long_polls.dec()
         return self._r.ok(body.data, body.content_type, body.etag)
+
+    async def _hold(self, seconds: float, gone: asyncio.Event | None) -> None:
+        """Wait ``seconds``, or until shutdown, or until the client is gone (issue #13: a departed
+        client must not keep its slot)."""
+        if gone is None:
+            await self._clock.sleep(seconds, until=self.shutdown)
+            return
+        release = asyncio.Event()
+        watchers = [asyncio.ensure_future(event.wait()) for event in (self.shutdown, gone)]
+        for watcher in watchers:
+            watcher.add_done_callback(lambda _: release.set())
+        try:
+            await self._clock.sleep(seconds, until=release)
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
 
     # ------------------------------------------------------------ dynamic keys
 

@@ -13,6 +13,7 @@ aiohttp has no option for the status of a parse error.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -42,10 +43,34 @@ class MetadataRequestHandler(RequestHandler):
     """One connection of the metadata listener. Construct with the listener's ``Server``."""
 
     def __init__(self, manager: Server, *, responder: Responder, metrics: Metrics, **kwargs: Any) -> None:
+        # lingering_time=0: after answering a request whose body has not all arrived, close rather
+        # than read it for up to 10 s (aiohttp's default). No metadata request has a body, so the
+        # linger only ever served a client holding the connection open with a slow one.
         super().__init__(manager, max_line_size=MAX_TARGET_BYTES, max_field_size=MAX_FIELD_BYTES,
-                         max_headers=MAX_FIELDS, **kwargs)
+                         max_headers=MAX_FIELDS, lingering_time=0, **kwargs)
         self._responder = responder
         self._metrics = metrics
+        #: Set once the client has ended its side or the connection is lost: a long poll ends
+        #: then and frees its slot (an EOF is all a server sees of a client that closed).
+        self.client_gone = asyncio.Event()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.client_gone.set()
+        super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol allows True
+        """The client ended its side (``printf ... | nc -N``, a shutdown after the request).
+        aiohttp closes at once, dropping the answer to a request already received; here that
+        request is answered and then the connection closes, as Go's server does (RFC 9112 §9.6
+        lets a client half-close). Idle between requests (or inside an unfinished head), close at
+        once as before. (Reads two attributes of aiohttp's protocol: no public API says whether it
+        is idle; ``start()`` waits on ``_waiter`` exactly when it has no request to handle.)"""
+        self.client_gone.set()
+        waiter = self._waiter
+        if not self._messages and waiter is not None and not waiter.done():
+            return None
+        self.close()  # no further pipelined request: answer what is here, then close
+        return True
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> StreamResponse:

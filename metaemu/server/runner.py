@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from types import TracebackType
+from typing import cast
 
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from metaemu.clock import Clock, SystemClock
 from metaemu.config import Config, HostPort
@@ -89,6 +91,10 @@ class MetaemuServer:
         self._runners.append(runner)
         server = runner.server
         assert server is not None
+        if protocol is not None:  # the metadata listener: every request to the handler (create_metadata_app)
+            # The request factory is the application's, so every request is a web.Request.
+            server.request_handler = cast(Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+                                          self.components.handler.__call__)
         loop = asyncio.get_running_loop()
         handler_factory: Callable[[], asyncio.Protocol] = server if protocol is None else partial(
             protocol, server, loop=loop, keepalive_timeout=IDLE_TIMEOUT_S, access_log=None)

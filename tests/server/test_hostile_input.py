@@ -240,3 +240,30 @@ async def test_q13_disconnected_long_polls_free_their_slots_at_once(server: Meta
         for writer in writers:
             writer.close()
     await until_long_polls(server, 0)
+
+
+# -- Expect: no body is ever read, so no expectation is ever acted on ------------------------------
+
+@pytest.mark.parametrize("expect", [b"100-continue", b"\xa0Google", b"something-else"])
+async def test_expect_is_ignored_and_the_final_answer_sent_at_once(server: MetaemuServer, expect: bytes) -> None:
+    # RFC 9110 10.1.1 lets a server answer with the final status; aiohttp's own handling echoed
+    # the value in a 417, and answered 500 when it was not UTF-8 (found by the fuzz test).
+    for method, status in ((b"GET", 200), (b"CONNECT", 405)):
+        target = b"metadata.google.internal:80" if method == b"CONNECT" else EMAIL.encode()
+        response = await exchange(server, method + b" " + target + b" HTTP/1.1\r\n" + GOOD + b"Expect: " + expect
+                                  + b"\r\nConnection: close\r\n\r\n")
+        assert status_of(response) == status, response
+        assert b"100 Continue" not in response
+
+
+async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(server: MetaemuServer) -> None:
+    # printf 'GET ...' | nc -N: aiohttp closed on the EOF and dropped the answer; Go's server answers.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+    try:
+        writer.write(b"GET " + EMAIL.encode() + b" HTTP/1.1\r\n" + GOOD + b"\r\n")
+        writer.write_eof()
+        response = await asyncio.wait_for(reader.read(), READ_S)
+    finally:
+        writer.close()
+    assert status_of(response) == 200
+    assert response.endswith(SERVICE_ACCOUNT.encode())
