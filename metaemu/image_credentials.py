@@ -207,7 +207,7 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError("arguments", message)
 
 
-def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> ProviderSettings:
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p = _Parser(prog="metaemu credential-provider", description="kubelet image credential provider: reads a "
                 f"{REQUEST_KIND} on stdin, writes a {RESPONSE_KIND} on stdout.")
     p.add_argument("--audience", default=environ.get(AUDIENCE_ENV),
@@ -220,7 +220,11 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> ProviderS
     p.add_argument("--sts-url", default=environ.get(STS_URL_ENV) or DEFAULT_STS_URL)
     p.add_argument("--iam-credentials-url", default=environ.get(IAM_URL_ENV) or DEFAULT_IAM_CREDENTIALS_URL)
     p.add_argument("--timeout-seconds", type=float, default=DEFAULT_TIMEOUT_S, help="per upstream call")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> ProviderSettings:
+    args = build_parser(environ).parse_args(argv)
     if not args.audience:
         raise ConfigError("--audience", f"required (or set {AUDIENCE_ENV})")
     return ProviderSettings(audience=args.audience, service_account=args.service_account,
