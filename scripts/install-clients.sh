@@ -6,13 +6,14 @@
 #       cloud.google.com/go/compute/metadata, golang.org/x/oauth2/google, google.golang.org/api/idtoken
 #   * Node: gcp-metadata + google-auth-library, pinned by tests/clients/node/package-lock.json
 #   * Java: google-auth-library-oauth2-http, current (tests/clients/java/current/pom.xml) and Debian's 0.18
+#   * docker compose, built with the same Go from scripts/compose/go.mod (the compose-file tests' judge)
 # gcloud is not installable from the registries we can reach; the tests use it only when it is on PATH.
 #
 # Idempotent and non-interactive; a no-op (well under a second) when everything is already installed.
 # Must run as root (or with passwordless sudo) on Debian 12 for the apt part.
 #
 # Environment:
-#   SKIP_GO=1    do not install the Debian Go library packages
+#   SKIP_GO=1    do not install the Debian Go library packages or build docker compose
 #   SKIP_NODE=1  do not run npm ci
 #   SKIP_JAVA=1  do not install the JDK, Maven, Debian's libgoogle-auth-java or the pinned current release
 set -euo pipefail
@@ -20,7 +21,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NODE_DIR="$ROOT/tests/clients/node"
 # wrk is the load generator of benchmarks/run.py (its smoke test runs in make test).
-# prometheus provides promtool (alert unit tests); docker-compose validates docker-compose.yml offline.
+# prometheus provides promtool (alert unit tests); docker-compose 1.29 (and the docker compose built
+# below) validate docker-compose.yml offline.
 APT_PACKAGES=(golang-golang-x-oauth2-google-dev golang-google-api-dev wrk prometheus docker-compose iptables conntrack)
 
 log() { printf '[install-clients] %s\n' "$*"; }
@@ -103,6 +105,28 @@ install_java() {
     log "java: current library copied in $((SECONDS - t1)) s (${#jars[@]} jars)"
 }
 
+# docker compose (the CLI users run as `docker compose`), built from its published source at the
+# version scripts/compose/go.mod pins, cached per machine: Debian ships only docker-compose 1.29,
+# whose interpolation is not today's. The compose tests render docker-compose.yml with both.
+install_compose() {
+    if [ -x /usr/local/go/bin/go ]; then PATH="/usr/local/go/bin:$PATH"; fi
+    local version
+    version=$(awk '$1 == "github.com/docker/compose/v5" {print $2}' "$ROOT/scripts/compose/go.mod")
+    local out="$HOME/.cache/metaemu/docker-compose-$version/docker-compose"
+    if [ -x "$out" ]; then
+        log "compose: docker compose $version cached at $out"
+        return 0
+    fi
+    log "compose: building docker compose $version from the module proxy (about a minute the first time)"
+    local t0=$SECONDS
+    mkdir -p "$(dirname "$out")"
+    (cd "$ROOT/scripts/compose" && GOFLAGS=-mod=readonly GOTOOLCHAIN=local \
+        go build -trimpath -ldflags "-w -X github.com/docker/compose/v5/internal.Version=$version" \
+        -o "$out.tmp" github.com/docker/compose/v5/cmd)  # the flags of compose's own Makefile
+    mv "$out.tmp" "$out"
+    log "compose: built in $((SECONDS - t0)) s: $out"
+}
+
 install_node() {
     if ! command -v npm >/dev/null 2>&1; then
         log "node: npm not found; skipping the Node client (tests that need it will skip)" >&2
@@ -131,6 +155,7 @@ install_node() {
 }
 
 if [ "${SKIP_GO:-0}" != "1" ]; then install_go; else log "go: skipped (SKIP_GO=1)"; fi
+if [ "${SKIP_GO:-0}" != "1" ]; then install_compose; else log "compose: skipped (SKIP_GO=1)"; fi
 if [ "${SKIP_NODE:-0}" != "1" ]; then install_node; else log "node: skipped (SKIP_NODE=1)"; fi
 if [ "${SKIP_JAVA:-0}" != "1" ]; then install_java; else log "java: skipped (SKIP_JAVA=1)"; fi
 if command -v gcloud >/dev/null 2>&1; then

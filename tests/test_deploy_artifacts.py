@@ -1,5 +1,5 @@
 """The shipped deployment artefacts are valid: the sidecar manifests render, the configuration
-they embed is one metaemu accepts, and the compose file wires the demo to 169.254.169.254."""
+they embed is one metaemu accepts (the compose file: tests/test_compose.py)."""
 
 from __future__ import annotations
 
@@ -49,58 +49,11 @@ def test_sidecar_kustomization_renders() -> None:
     assert kinds == ["ConfigMap", "Deployment", "ServiceAccount"]
 
 
-COMPOSE_ENV = {"GOOGLE_IMPERSONATE_SERVICE_ACCOUNT": "app@my-project.iam.gserviceaccount.com",
-               "GOOGLE_CLOUD_PROJECT_NUMBER": "123456789012", "HOME": "/home/dev"}
-
-
-def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", "demo", "config"],
-                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", **env})
-
-
-def test_compose_metaemu_config_with_its_environment_is_valid() -> None:
-    from metaemu.config import load_config
-
-    config = load_config(path=ROOT / "compose/metaemu.yaml", env={
-        "METAEMU_SERVICE_ACCOUNT": COMPOSE_ENV["GOOGLE_IMPERSONATE_SERVICE_ACCOUNT"],
-        "METAEMU_NUMERIC_PROJECT_ID": COMPOSE_ENV["GOOGLE_CLOUD_PROJECT_NUMBER"]})
-    assert _wi(config).source.kind == "google"
-    assert (config.project_id, config.email) == ("my-project", COMPOSE_ENV["GOOGLE_IMPERSONATE_SERVICE_ACCOUNT"])
-    assert str(config.listen) == "169.254.169.254:80"
-
-
 def test_dockerfile_runs_as_non_root_with_metaemu_entrypoint() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "USER 65532:65532" in text
     assert 'ENTRYPOINT ["metaemu"]' in text
     assert 'CMD ["serve"]' in text
-
-
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian package) not installed")
-def test_compose_wiring_for_development_and_demo() -> None:
-    out = compose_config(COMPOSE_ENV)
-    assert out.returncode == 0, out.stderr
-    services = yaml.safe_load(out.stdout)["services"]
-    for name in ("metaemu", "metaemu-demo"):  # the real metadata address, unprivileged, read-only
-        server = services[name]
-        assert server["networks"]["metadata"]["ipv4_address"] == "169.254.169.254"
-        assert server["sysctls"]["net.ipv4.ip_unprivileged_port_start"] == "80"
-        assert server["read_only"] is True
-    metaemu = services["metaemu"]
-    assert "/home/dev/.config/gcloud:/gcloud:ro" in metaemu["volumes"]  # the developer's ADC, read-only
-    assert metaemu["environment"]["METAEMU_SERVICE_ACCOUNT"] == COMPOSE_ENV["GOOGLE_IMPERSONATE_SERVICE_ACCOUNT"]
-    assert "169.254.169.254:80" in services["metaemu-demo"]["command"]
-    for app, server_name in (("app", "metaemu"), ("demo-app", "metaemu-demo")):
-        assert "metadata.google.internal:169.254.169.254" in services[app]["extra_hosts"]
-        assert services[app]["depends_on"][server_name]["condition"] == "service_healthy"
-        assert "environment" not in services[app]  # no GCE_METADATA_* needed: no code or config change
-
-
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian package) not installed")
-def test_compose_refuses_to_start_without_the_service_account() -> None:
-    out = compose_config({"HOME": "/home/dev", "GOOGLE_CLOUD_PROJECT_NUMBER": "1"})
-    assert out.returncode != 0
-    assert "GOOGLE_IMPERSONATE_SERVICE_ACCOUNT" in out.stderr
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
