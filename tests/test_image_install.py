@@ -1,18 +1,14 @@
 """What the Dockerfile does, without a container engine (issue #5): metaemu's wheel installs into
 a fresh virtual environment from the same hash-checked requirements.lock, and `metaemu serve`
 starts and serves a token as a non-root uid from a read-only working directory, reading a
-read-only configuration."""
+read-only configuration. (The install itself is the session fixture ``image_install``, tests/conftest.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
-import stat
-import subprocess
-import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -26,29 +22,6 @@ from tests.helpers import FLAVOR, SA_PATH, serving_ports
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                                 reason="needs root and setpriv to run metaemu as another uid")
-
-
-@pytest.fixture(scope="module")
-def image_root() -> Iterator[Path]:
-    """A world-readable directory holding the wheel and a venv installed like the image."""
-    root = Path(tempfile.mkdtemp(prefix="metaemu-image-"))
-    root.chmod(0o755)
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(root / "wheels"),
-                        str(ROOT)], check=True, timeout=300, capture_output=True)
-        subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, timeout=120)
-        pip = str(root / "venv/bin/pip")
-        subprocess.run([pip, "install", "-q", "--require-hashes", "-r", str(ROOT / "requirements.lock")],
-                       check=True, timeout=600, capture_output=True)
-        (wheel,) = (root / "wheels").glob("metaemu-*.whl")
-        subprocess.run([pip, "install", "-q", "--no-deps", str(wheel)], check=True, timeout=120, capture_output=True)
-        for path in [root, *root.rglob("*")]:  # like an image layer: readable by everyone, owned by root
-            if not path.is_symlink():
-                path.chmod(path.stat().st_mode | stat.S_IRGRP | stat.S_IROTH
-                           | (stat.S_IXGRP | stat.S_IXOTH if path.is_dir() or os.access(path, os.X_OK) else 0))
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
@@ -68,8 +41,8 @@ async def google_url(world: World) -> AsyncIterator[str]:
 
 
 async def test_installed_wheel_serves_as_non_root_from_a_read_only_directory(
-        image_root: Path, world: World, google_url: str) -> None:
-    etc = image_root / "etc"
+        image_install: Path, world: World, google_url: str) -> None:
+    etc = image_install / "etc"
     etc.mkdir(exist_ok=True)
     token = etc / "token"
     token.write_text(world.token_file.read_text())
@@ -79,10 +52,10 @@ async def test_installed_wheel_serves_as_non_root_from_a_read_only_directory(
     (etc / "metaemu.yaml").write_text(yaml.safe_dump(raw))
     for path in (etc, token, etc / "metaemu.yaml"):
         path.chmod(0o555 if path.is_dir() else 0o444)
-    env = {"PATH": f"{image_root}/venv/bin:/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {"PATH": f"{image_install}/venv/bin:/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
     proc = await asyncio.create_subprocess_exec(
         "setpriv", "--reuid=65532", "--regid=65532", "--clear-groups", "--",
-        str(image_root / "venv/bin/metaemu"), "serve", "--config", str(etc / "metaemu.yaml"),
+        str(image_install / "venv/bin/metaemu"), "serve", "--config", str(etc / "metaemu.yaml"),
         cwd=str(etc), env=env, stderr=asyncio.subprocess.PIPE)
     try:
         port, _, _ = await serving_ports(proc)

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,9 +57,14 @@ def in_netns(ns: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *cmd]
 
 
-def test_unmodified_client_without_overrides_gets_its_token(pod_netns: str, tmp_path: Path) -> None:
-    clean_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "TMPDIR": "/tmp"}
-    server = subprocess.Popen(in_netns(pod_netns, *NON_ROOT, sys.executable, "-m", "metaemu", "demo",
+def test_unmodified_client_without_overrides_gets_its_token(pod_netns: str, image_install: Path) -> None:
+    # Server and client run as uid 65532 from the image-like install (tests/conftest.py), which that
+    # uid can read wherever the checkout is; their HOME is a directory it can use.
+    python = str(image_install / "venv/bin/python")
+    home = Path(tempfile.mkdtemp(dir=image_install))
+    home.chmod(0o777)
+    clean_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TMPDIR": "/tmp"}
+    server = subprocess.Popen(in_netns(pod_netns, *NON_ROOT, python, "-m", "metaemu", "demo",
                                        "--listen", "169.254.169.254:80", "--admin-listen", "127.0.0.1:8081"),
                               env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -73,7 +79,7 @@ def test_unmodified_client_without_overrides_gets_its_token(pod_netns: str, tmp_
             assert time.monotonic() < deadline, "metaemu did not become ready in the namespace"
             time.sleep(0.1)
         assert not any(k.startswith("GCE_METADATA") for k in clean_env)
-        client = subprocess.run(in_netns(pod_netns, *NON_ROOT, sys.executable, "-c", CLIENT), env=clean_env,
+        client = subprocess.run(in_netns(pod_netns, *NON_ROOT, python, "-c", CLIENT), env=clean_env,
                                 capture_output=True, text=True, timeout=60)
         assert client.returncode == 0, client.stderr[-2000:]
         out = json.loads(client.stdout)
