@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from metaemu.cache.credentials import ID_CACHE_SIZE
 from metaemu.server.handlers import LONG_POLL_LIMIT
 from metaemu.server.runner import MetaemuServer
 from metaemu.testing.world import SERVICE_ACCOUNT, World
@@ -267,3 +268,38 @@ async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer
         writer.close()
     assert status_of(response) == 200
     assert response.endswith(SERVICE_ACCOUNT.encode())
+
+
+# -- thousands of ID-token audiences: memory stays bounded -----------------------------------------
+
+def retained(server: MetaemuServer) -> tuple[int, int, int]:
+    """What a flood of distinct audiences could grow: cached ID tokens, the handler's memos, and
+    the metric samples (labels never carry an audience)."""
+    creds = server.components.credentials
+    handler = server.components.handler
+    samples = sum(len(family.samples) for family in server.metrics.registry.collect())
+    return len(creds.identity), len(handler._scope_keys) + len(handler._hosts_seen), samples
+
+
+async def test_sec35_memory_stays_flat_across_thousands_of_id_token_audiences(server: MetaemuServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+
+    async def identity(i: int) -> None:
+        writer.write(b"GET " + SA_PATH.encode() + b"identity?audience=https://svc-%d.example HTTP/1.1\r\n" % i
+                     + GOOD + b"\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_S)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        length = int(re.search(rb"\r\nContent-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        assert (await reader.readexactly(length)).startswith(b"eyJ")
+
+    try:
+        for i in range(ID_CACHE_SIZE + 1):  # full, and one eviction (its metric sample now exists)
+            await identity(i)
+        full = retained(server)
+        assert full[0] == ID_CACHE_SIZE
+        for i in range(ID_CACHE_SIZE + 1, ID_CACHE_SIZE + 1501):  # 1500 more: each evicts one, nothing grows
+            await identity(i)
+        assert retained(server) == full
+        assert sample(server.metrics, "metaemu_token_cache_total", kind="id_token", result="evict") == 1501
+    finally:
+        writer.close()
