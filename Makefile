@@ -32,7 +32,7 @@ clients:
 	bash scripts/install-clients.sh
 
 # The real kube-apiserver, kubectl and etcd of the `kube` tests, built once per machine from their
-# published sources (about 5 minutes the first time; cached in ~/.cache/metaemu afterwards).
+# published sources (about 7 minutes the first time; cached in ~/.cache/metaemu afterwards).
 kube-testenv:
 	bash scripts/kube-testenv.sh
 

@@ -4,7 +4,7 @@
 # sources through the Go module proxy (scripts/kube-testenv/go.mod pins them; go.sum checks them).
 #
 # The binaries are cached outside the repository, keyed by version, so only the first run on a machine
-# pays for the build (about 5 minutes on 2 cores); later runs are a no-op.
+# pays for the build (about 7 minutes on 2 cores); later runs are a no-op.
 #
 # Usage:
 #   scripts/kube-testenv.sh              build if needed; print progress on stderr
@@ -54,7 +54,7 @@ if built; then
     log "cached: kube-apiserver/kubectl $KUBE_VERSION, etcd $ETCD_VERSION in $DIR"
 else
     log "building kube-apiserver/kubectl $KUBE_VERSION and etcd $ETCD_VERSION with $(go version | awk '{print $3}')"
-    log "first run on this machine: downloads ~300 MB of modules and compiles (about 5 min on 2 cores)"
+    log "first run on this machine: downloads ~300 MB of modules and compiles (about 7 min on 2 cores)"
     mkdir -p "$CACHE_ROOT"
     staging="$(mktemp -d "$CACHE_ROOT/.build-XXXXXX")"
     trap 'rm -rf "$staging"' EXIT
