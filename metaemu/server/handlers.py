@@ -1,10 +1,11 @@
 """The metadata request handler: request rules, routing over the pre-rendered tree, and the
 dynamic ``token`` and ``identity`` leaves.
 
-One handler serves every path (a catch-all route): routing is a dict lookup on the canonical path,
-which keeps the hot path short (the benchmark compares it with a bare aiohttp handler). Order of
-checks: X-Forwarded-For (R-06), method (R-12), Host (SEC-22), normalise (SEC-19), Metadata-Flavor
-(R-01..R-05), lookup, then query rules.
+One handler serves every request (the metadata listener hands each one straight to it, with no
+router: create_metadata_app). Routing is a dict lookup on the canonical path, which keeps the hot
+path short (the benchmark compares it with a bare aiohttp handler). Order of checks:
+X-Forwarded-For (R-06), method (R-12), Host or the absolute-form authority (SEC-22), normalise
+(SEC-19), Metadata-Flavor (R-01..R-05), lookup, then query rules.
 """
 
 from __future__ import annotations
@@ -78,9 +79,6 @@ class MetadataHandler:
         self._hosts_seen: set[str] = set()
         self._scope_keys: dict[str, ScopeKey] = {}
         self._last_body: tuple[AccessToken, int, bytes] | None = None
-
-    def canonical_paths(self) -> list[str]:
-        return sorted(self._index)
 
     async def __call__(self, request: web.Request) -> web.Response:
         started = time.perf_counter()

@@ -29,8 +29,8 @@ from metaemu.server.responses import Responder
 log = logging.getLogger(__name__)
 
 #: Longest request target. Real clients send well under 1 KiB (the longest is an identity request
-#: with a URL audience); 8 KiB is what most servers allow and one byte past aiohttp's field limit,
-#: which is how a too-long target is told from a too-long field (both raise ``LineTooLong``).
+#: with a URL audience); 8 KiB is what most servers allow. It must differ from MAX_FIELD_BYTES:
+#: the limit in ``LineTooLong`` is how a too-long target is told from a too-long field.
 MAX_TARGET_BYTES = 8192
 #: Longest header field, name and value together (aiohttp's default; Go's whole-head limit is 1 MiB
 #: but no metadata client sends a field of even 1 KiB).
@@ -89,7 +89,7 @@ class MetadataRequestHandler(RequestHandler):
 def _refusal(exc: HttpProcessingError) -> tuple[int, str, str]:
     """(status, metric reason, body) for a request aiohttp's parser refused."""
     if isinstance(exc, LineTooLong):
-        # args: (the line's start, the limit it broke, its size); the limits differ by one byte.
+        # args: (the line's start, the limit it broke, its size); the two limits differ.
         if exc.args[1:2] == (MAX_TARGET_BYTES,):
             return 414, "oversized", "414 URI Too Long\n"
         return 431, "oversized", "431 Request Header Fields Too Large\n"
