@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -33,7 +33,7 @@ from metaemu.pods.kube_client import KubeClient, KubeConnection
 from metaemu.pods.pod_metrics import create_pod_metrics
 from metaemu.pods.service_accounts import ServiceAccountCache
 from metaemu.pods.startup_taint import create_startup_taint_metrics, startup_taint_clearer
-from metaemu.pods.stream import KubeHttp
+from metaemu.pods.stream import KubeHttp, KubeTransport
 from metaemu.pods.token_source import PodTokenSource
 from metaemu.pods.watch import PodIndex, PodWatcher
 from metaemu.server.context import RequestContext
@@ -60,7 +60,10 @@ class NodeAgent:
     static: RequestContext | None = None
 
     def __init__(self, *, config: Config, clock: Clock, metrics: Metrics, refresher: Refresher, sts: StsClient,
-                 iam: IamCredentialsClient, connection: KubeConnection) -> None:
+                 iam: IamCredentialsClient, connection: KubeConnection,
+                 kube_transport: Callable[[KubeHttp], KubeTransport] | None = None) -> None:
+        """``kube_transport`` puts something in front of the API server connection (the tests'
+        ``FaultyKube``); the agent still owns and closes the ``KubeHttp`` it is given."""
         assert config.node is not None
         self._config = config
         self._node: NodeConfig = config.node
@@ -70,7 +73,8 @@ class NodeAgent:
         self._sts = sts
         self._iam = iam
         self._http = KubeHttp(ssl_context=connection.ssl_context())
-        self.kube = KubeClient(connection=connection, http=self._http, stream=self._http, clock=clock, metrics=metrics)
+        transport: KubeTransport = kube_transport(self._http) if kube_transport else self._http
+        self.kube = KubeClient(connection=connection, http=transport, stream=transport, clock=clock, metrics=metrics)
         pod_metrics = create_pod_metrics(metrics.registry)
         self.index = PodIndex(node_name=self._node.name, host_addresses=self._node.host_addresses)
         self._watcher = PodWatcher(kube=self.kube, index=self.index, clock=clock, metrics=pod_metrics)

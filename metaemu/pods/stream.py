@@ -25,7 +25,7 @@ from typing import Protocol
 
 import aiohttp
 
-from metaemu.transport import MAX_RESPONSE_BYTES, AiohttpClient, HttpRequest, TransportFailure
+from metaemu.transport import MAX_RESPONSE_BYTES, AiohttpClient, HttpClient, HttpRequest, TransportFailure
 
 #: Cap on one watch event line. The API server stores objects of at most 1.5 MiB (etcd's request
 #: limit); a pod with managedFields stays far below. A longer line is a broken stream, not a pod.
@@ -57,6 +57,10 @@ class HttpStreamClient(Protocol):
     def open(self, request: HttpRequest) -> contextlib.AbstractAsyncContextManager[LineStream]:
         """Send ``request`` and stream its response; raise ``TransportFailure`` when no response
         arrives or the connection breaks mid-stream. Leaving the context closes the connection."""
+
+
+class KubeTransport(HttpClient, HttpStreamClient, Protocol):
+    """What ``KubeClient`` sends through: ``KubeHttp``, or something in front of it."""
 
 
 async def split_lines(chunks: AsyncIterator[bytes], *, url: str) -> AsyncIterator[bytes]:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -29,6 +29,7 @@ from metaemu.credentials.upstream import UpstreamCaller
 from metaemu.metrics import Metrics
 from metaemu.pods.agent import NodeAgent
 from metaemu.pods.kube_client import KubeConnection
+from metaemu.pods.stream import KubeHttp, KubeTransport
 from metaemu.server.context import RequestContext, SidecarContext
 from metaemu.server.handlers import MetadataHandler
 from metaemu.server.limits import RateLimiter
@@ -64,7 +65,8 @@ COMPONENTS = web.AppKey("components", Components)
 
 
 def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: HttpClient,
-                     environ: Mapping[str, str] | None = None) -> Components:
+                     environ: Mapping[str, str] | None = None,
+                     kube_transport: Callable[[KubeHttp], KubeTransport] | None = None) -> Components:
     timeout = config.endpoints.timeout_seconds
     sts = StsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="sts"), url=config.endpoints.sts,
                     clock=clock, timeout_s=timeout)
@@ -78,7 +80,7 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
         connection = (KubeConnection.from_kubeconfig(node.kubeconfig) if node.kubeconfig
                       else KubeConnection.in_cluster(os.environ if environ is None else environ))
         contexts = NodeAgent(config=config, clock=clock, metrics=metrics, refresher=refresher, sts=sts, iam=iam,
-                             connection=connection)
+                             connection=connection, kube_transport=kube_transport)
         limiter = RateLimiter(rate_per_s=node.rate_limit_per_second, burst=node.rate_limit_burst, clock=clock)
         max_concurrent = node.max_concurrent_requests
     else:

@@ -22,6 +22,7 @@ from aiohttp.web_request import BaseRequest
 from metaemu.clock import Clock, SystemClock
 from metaemu.config import Config, HostPort
 from metaemu.metrics import Metrics, create_metrics
+from metaemu.pods.stream import KubeHttp, KubeTransport
 from metaemu.server.app import Components, build_components, create_metadata_app
 from metaemu.server.deadline import HeaderDeadline
 from metaemu.server.health import create_admin_app
@@ -44,14 +45,16 @@ class StartupError(Exception):
 
 class MetaemuServer:
     def __init__(self, config: Config, *, clock: Clock | None = None, http: HttpClient | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 kube_transport: Callable[[KubeHttp], KubeTransport] | None = None) -> None:
         self.config = config
         self._own_http: AiohttpClient | None = None
         if http is None:
             http = self._own_http = AiohttpClient()
         self.metrics = metrics or create_metrics()
         self.components: Components = build_components(
-            config=config, clock=clock or SystemClock(), metrics=self.metrics, http=http)
+            config=config, clock=clock or SystemClock(), metrics=self.metrics, http=http,
+            kube_transport=kube_transport)
         self._runners: list[web.AppRunner] = []
         self._listeners: list[asyncio.Server] = []
         self.metadata_address: HostPort = config.listen

@@ -26,11 +26,11 @@ import re
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from metaemu.clock import Clock
-from metaemu.pods.stream import LineStream
+from metaemu.pods.stream import KubeTransport, LineStream
 from metaemu.testing.faults import FaultInjector
 from metaemu.transport import HttpRequest, HttpResponse, TransportFailure
 
@@ -41,14 +41,6 @@ _GET = re.compile(r"^/api/v1/namespaces/[^/]+/(pods|serviceaccounts)/[^/]+$")
 _PODS = re.compile(r"^/api/v1(/namespaces/[^/]+)?/pods$")
 _JSON = {"Content-Type": "application/json"}
 _END, _BROKEN = object(), object()
-
-
-class KubeTransport(Protocol):
-    """What ``KubeClient`` needs: ``HttpClient.send`` and ``HttpStreamClient.open``."""
-
-    async def send(self, request: HttpRequest) -> HttpResponse: ...
-
-    def open(self, request: HttpRequest) -> contextlib.AbstractAsyncContextManager[LineStream]: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

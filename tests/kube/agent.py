@@ -1,20 +1,28 @@
 """The node agent on the real test bed: a fresh Node of the session's cluster per test, metaemu's
 node agent on it, unmodified, authenticated as metaemu-system/metaemu by a real pod-bound
 service-account token, with the shipped configuration of manifests/node/configmap.yaml, and a Google
-stand-in that trusts the cluster's real issuer and JWKS."""
+stand-in that trusts the cluster's real issuer and JWKS.
+
+The agent's time is a ``FakeClock`` (starting at the real now: the real server's tokens carry real
+``iat``/``exp``; the Google stand-in keeps real time, as Google and the API server do) and its API
+connection goes through ``FaultyKube``, so its waits (a new pod's grace,
+a lookup's timeout, a long poll, a watch's backoff) pass only when a test advances virtual time, and
+only while nothing is on the wire (``Agent.advance``, ``Agent.drive``): a real round trip takes no
+virtual time, and no test waits out a real timer (issue #13)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import itertools
 import json
 import secrets
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from unittest import mock
 
 import yaml
@@ -22,9 +30,12 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from metaemu.config import parse_config
+from metaemu.pods.stream import KubeHttp
 from metaemu.server.runner import MetaemuServer
+from metaemu.testing.fake_clock import FakeClock, settle
 from metaemu.testing.fake_google import FakeGoogle
 from metaemu.testing.fake_google_sts import WorkloadIdentityProvider
+from metaemu.testing.kube_faults import FaultyKube
 from tests.helpers import FLAVOR, SA_PATH, sample
 from tests.kube.cluster import ISSUER, KubeCluster, binaries_dir
 
@@ -33,6 +44,7 @@ MANIFESTS = ROOT / "manifests" / "node"
 AGENT_NAMESPACE, AGENT_SA = "metaemu-system", "metaemu"
 AGENT_USER = f"system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SA}"
 GSA_ANNOTATION = "iam.gke.io/gcp-service-account"
+T = TypeVar("T")
 #: The kinds of the rendered manifests that shape what the agent may do in the API.
 POLICY_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
                 "ValidatingAdmissionPolicyBinding"}
@@ -72,6 +84,8 @@ class Agent:
     audience: str
     token: str  # the agent's own service-account token
     kubeconfig: Path
+    clock: FakeClock
+    kube: FaultyKube  # between the agent and the real API server
     ips: Iterator[str] = field(default_factory=lambda: _pod_ips())
 
     def subject_tokens(self) -> list[str]:
@@ -88,6 +102,31 @@ class Agent:
         request = make_mocked_request("GET", path, headers={"Host": "169.254.169.254", **FLAVOR, **(headers or {})},
                                       transport=transport)
         return await self.server.components.handler(request)
+
+    async def advance(self, seconds: float) -> None:
+        """Advance the agent's virtual time once nothing is on the wire."""
+        await self._idle()
+        self.clock.advance(seconds)
+        await settle()
+
+    async def drive(self, call: Awaitable[T], *, step_s: float = 0.5, limit_s: float = 60.0) -> tuple[T, float]:
+        """Run ``call`` while advancing virtual time in steps whenever the wire is quiet; returns
+        its result and the virtual seconds it took (0 when it needed no timer)."""
+        task = asyncio.ensure_future(call)
+        started = self.clock.monotonic()
+        while True:
+            await self._idle()
+            if task.done():
+                return task.result(), self.clock.monotonic() - started
+            assert self.clock.monotonic() - started < limit_s, "the call did not finish in virtual time"
+            self.clock.advance(step_s)
+
+    async def _idle(self) -> None:
+        while True:
+            await self.kube.quiet()
+            await settle()
+            if self.kube.in_flight == 0:  # nothing set off by the answers that just arrived
+                return
 
     async def token_for(self, peer: str) -> str:
         response = await self.get(peer, SA_PATH + "token")
@@ -107,13 +146,19 @@ class Agent:
         uid = self.cluster.pod(namespace, name, node=self.node, service_account=sa, ip=ip, host_ip="169.254.29.1")
         return ip, uid
 
-    async def until(self, what: str, predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-        """Poll ``predicate`` (a metric, the pod index): the watch is a real socket to a real server."""
+    async def until(self, what: str, predicate: Callable[[], bool], timeout_s: float = 20.0, *,
+                    advance_s: float = 0.0) -> None:
+        """Poll ``predicate`` (a metric, the pod index): the watch is a real socket to a real server.
+        With ``advance_s``, virtual time moves on by that much per poll while the wire is quiet (for
+        what waits on an agent timer too, a watch's retry backoff). ``timeout_s`` is real: it bounds
+        the wait for real processes (an API server coming back), never stands in for an event."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while not predicate():
             assert loop.time() < deadline, f"never saw {what}"
             await asyncio.sleep(0.02)
+            if advance_s:
+                await self.advance(advance_s)
 
 
 def _pod_ips() -> Iterator[str]:
@@ -139,21 +184,30 @@ async def started_agent(cluster: KubeCluster, tmp_path: Path, *, taints: list[di
     node = unique("node")
     cluster.node(node, taints=taints)
     token = agent_token(cluster, node)
-    token_file = tmp_path / "agent.token"
-    token_file.write_text(token)
-    kubeconfig = cluster.kubeconfig(tmp_path / "agent.kubeconfig", token_file=token_file)
+    # The token inline, not a tokenFile: a file is read in a worker thread, real I/O that FaultyKube
+    # cannot see, so virtual time could pass mid-request (tests/kube/test_kube_api_client.py covers
+    # tokenFile).
+    kubeconfig = cluster.kubeconfig(tmp_path / "agent.kubeconfig", token=token)
     raw = shipped_config()
     audience = str(raw["node"]["audience"])
-    google = FakeGoogle()
+    clock = FakeClock(start=dt.datetime.now(dt.UTC).replace(microsecond=0))
+    google = FakeGoogle()  # Google's time is real, as the API server's is: it judges the real tokens' iat
     google.add_provider(WorkloadIdentityProvider(audience=audience, issuer=ISSUER, jwks=cluster.jwks()))
     raw.update(listen="127.0.0.1:0", admin_listen="127.0.0.1:0",
                endpoints={"sts": "http://sts.test/v1/token", "iam_credentials": "http://iam.test/v1"})
     raw["node"].update(name=node, kubeconfig=str(kubeconfig), host_addresses=["169.254.29.1"], **node_config)
     if taints is None:
         raw["node"]["startup_taint"] = ""
-    server = MetaemuServer(parse_config(raw, hostname=node, base_dir=tmp_path), http=google.client())
+    faulty: list[FaultyKube] = []
+
+    def in_front(http: KubeHttp) -> FaultyKube:
+        faulty.append(FaultyKube(http, clock=clock))
+        return faulty[0]
+
+    server = MetaemuServer(parse_config(raw, hostname=node, base_dir=tmp_path), clock=clock, http=google.client(),
+                           kube_transport=in_front)
     await server.start()
-    agent = Agent(cluster, node, server, google, audience, token, kubeconfig)
+    agent = Agent(cluster, node, server, google, audience, token, kubeconfig, clock, faulty[0])
     try:
         await agent.until("the agent ready", lambda: server.components.contexts.ready() is None)
         yield agent

@@ -13,6 +13,8 @@ import jwt
 import pytest
 
 from metaemu.pods.agent import NodeAgent
+from metaemu.pods.identity import NEW_POD_WAIT_S
+from metaemu.pods.startup_taint import READY_POLL_S
 from tests.helpers import SA_PATH
 from tests.kube.agent import Agent, started_agent, unique
 from tests.kube.cluster import ISSUER, KubeCluster
@@ -62,8 +64,9 @@ async def test_sec08_sec13_pods_elsewhere_and_unknown_addresses_get_403(agent: A
                 host_ip="169.254.28.1")
     await agent.until("the pod in the watch", lambda: bool(agent_of(agent).index.candidates(ip)))
     for peer in ("169.254.28.9", "169.254.28.77"):
-        response = await agent.get(peer, SA_PATH + "token")
+        response, waited_s = await agent.drive(agent.get(peer, SA_PATH + "token"))
         assert response.status == 403
+        assert waited_s == NEW_POD_WAIT_S  # the live lookup found nothing; the new-pod grace passed
         assert b"access_token" not in (response.body or b"")  # type: ignore[operator]
 
 
@@ -76,7 +79,8 @@ async def test_sec10_deleted_pod_is_refused_and_its_address_serves_only_the_new_
     assert old is not None and old.email == GSA
     agent.cluster.delete_pod(namespace, "old")
     await agent.until("the deletion", lambda: not index.candidates(ip))
-    assert (await agent.get(ip, SA_PATH + "token")).status == 403
+    refused, _ = await agent.drive(agent.get(ip, SA_PATH + "token"))
+    assert refused.status == 403
     # The address is reused by another pod of another service account (federated, no GSA).
     agent.cluster.service_account(namespace, "new-sa")
     agent.cluster.pod(namespace, "new", node=agent.node, service_account="new-sa", ip=ip, host_ip="169.254.29.1")
@@ -91,7 +95,8 @@ async def test_sec02_startup_taint_removed_by_a_real_patch_that_the_policy_admit
     other = {"key": "example.com/keep", "value": "1", "effect": "NoSchedule"}
     startup = {"key": "metaemu.dev/agent-not-ready", "value": "true", "effect": "NoSchedule"}
     async with started_agent(cluster, tmp_path, taints=[other, startup]) as agent:
-        await agent.until("the taint removal", lambda: agent.metric("metaemu_startup_taint_cleared") == 1)
+        await agent.until("the taint removal", lambda: agent.metric("metaemu_startup_taint_cleared") == 1,
+                          advance_s=READY_POLL_S)
         taints = cluster.ok("GET", f"/api/v1/nodes/{agent.node}")["spec"]["taints"]
         # Only the startup taint went; ours and the one the real server's TaintNodesByCondition
         # admission adds to every new node stay.

@@ -19,6 +19,8 @@ import pytest
 
 from metaemu import __version__
 from metaemu.pods.agent import NodeAgent
+from metaemu.pods.identity import NEW_POD_WAIT_S, RETRY_AFTER_UNAVAILABLE_S
+from metaemu.pods.startup_taint import READY_POLL_S
 from metaemu.pods.watch import PodIndex
 from tests.helpers import SA_PATH, assert_no_jwt_from
 from tests.kube.agent import Agent, shipped_config, started_agent, unique
@@ -94,11 +96,20 @@ async def test_gke06_unannotated_pod_gets_no_identity_token(world: World) -> Non
 
 async def test_sec08_sec13_sec14_unknown_elsewhere_node_and_loopback_get_403(world: World) -> None:
     agent = world.agent
-    for peer in ("169.254.30.250", world.elsewhere_ip, NODE_IP, "127.0.0.1"):
-        response = await agent.get(peer, SA_PATH + "token")
+    # An address no pod of this node has: one live lookup (the real server answers: nothing), then
+    # the grace a just-started pod gets to reach the watch, in virtual time. The node's own
+    # addresses are refused at once.
+    waits = {"169.254.30.250": NEW_POD_WAIT_S, world.elsewhere_ip: NEW_POD_WAIT_S, NODE_IP: 0, "127.0.0.1": 0}
+    for peer, wait_s in waits.items():
+        response, waited_s = await agent.drive(agent.get(peer, SA_PATH + "token"), step_s=0.25)
         assert response.status == 403, peer
         assert b"access_token" not in (response.body or b"")  # type: ignore[operator]
+        assert waited_s == wait_s, peer
     assert agent.metric("metaemu_pod_lookup_total", result="host_network") == 2
+    assert agent.metric("metaemu_pod_lookup_total", result="not_found") == 2
+    lookups = [c for c in agent.kube.requests if c.endpoint == "list" and "status.podIP=" in c.query["fieldSelector"]]
+    assert [c.query["fieldSelector"] for c in lookups] == [
+        f"status.podIP={ip},spec.nodeName={agent.node}" for ip in ("169.254.30.250", world.elsewhere_ip)]
 
 
 async def test_sec15_headers_and_parameters_never_change_identity(world: World) -> None:
@@ -171,8 +182,11 @@ async def test_sec36_api_outage_keeps_known_pods_served(world: World) -> None:
         unseen = await agent.get(world.p3, SA_PATH + "token")  # in the index, its account never fetched
         assert unseen.status == 503
         assert "Retry-After" in unseen.headers
-        unknown = await agent.get("169.254.30.251", SA_PATH + "token")
-        assert unknown.status in (403, 503)  # never a guess
+        unknown, waited_s = await agent.drive(agent.get("169.254.30.251", SA_PATH + "token"))
+        assert unknown.status == 503  # never a guess: the live lookup cannot be made
+        assert unknown.headers["Retry-After"] == str(RETRY_AFTER_UNAVAILABLE_S)
+        assert waited_s == 0  # refused at once: the connection to the API server is refused
+        assert agent.metric("metaemu_pod_lookup_total", result="api_fallback") == 1
     finally:
         agent.cluster.start_apiserver()
 
@@ -189,6 +203,8 @@ async def test_sec35_concurrency_cap_refuses_predictably_and_recovers(cluster: K
         busy = await agent.get(ip, SA_PATH + "email")
         assert busy.status == 503
         assert busy.headers["Retry-After"] == "1"
+        assert not any(task.done() for task in held)
+        await agent.advance(1)  # the long polls' timeout_sec, in virtual time
         assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
         assert (await agent.get(ip, SA_PATH + "email")).status == 200  # capacity is back
 
@@ -197,7 +213,7 @@ async def test_sec40_after_a_scripted_run_the_node_metrics_exist(world: World) -
     agent = world.agent
     await world.token(world.p1)
     await world.token(world.p1)  # a cache hit
-    await agent.get("169.254.30.252", SA_PATH + "token")  # not_found
+    await agent.drive(agent.get("169.254.30.252", SA_PATH + "token"))  # not_found, after the new-pod grace
     await agent.get(NODE_IP, SA_PATH + "token")  # host_network
     await agent.get(world.p2, SA_PATH + "token", headers={"X-Forwarded-For": "1.2.3.4"})  # blocked
     for _ in range(12):
@@ -221,7 +237,8 @@ async def test_sec02_the_agent_clears_only_its_own_nodes_startup_taint(cluster: 
     other = unique("node-other")
     cluster.node(other, taints=[STARTUP_TAINT])
     async with started_agent(cluster, tmp_path, taints=[STARTUP_TAINT]) as agent:  # returns once ready
-        await agent.until("the taint removed", lambda: agent.metric("metaemu_startup_taint_cleared") == 1)
+        await agent.until("the taint removed", lambda: agent.metric("metaemu_startup_taint_cleared") == 1,
+                          advance_s=READY_POLL_S)
         assert agent.metric("metaemu_pod_watch_synced") == 1
         mine = cluster.ok("GET", f"/api/v1/nodes/{agent.node}")["spec"]["taints"]
         assert STARTUP_TAINT["key"] not in {t["key"] for t in mine}

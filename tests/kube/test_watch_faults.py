@@ -21,8 +21,11 @@ from tests.kube.cluster import KubeCluster
 pytestmark = pytest.mark.kube
 
 GSA = "app@my-project.iam.gserviceaccount.com"
-#: After an outage the watch retries with exponential backoff (1, 2, 4 ... s): allow a few rounds.
+#: Real seconds to wait for a restarted API server to be watched again. The watch's retry backoff
+#: (1, 2, 4 ... s) is on the agent's virtual clock, which these waits advance by ``BACKOFF_STEP_S``
+#: per poll while the wire is quiet.
 RECONNECT_S = 60.0
+BACKOFF_STEP_S = 0.5
 
 
 @pytest.fixture
@@ -69,7 +72,7 @@ async def test_sec36_restart_known_pods_keep_their_tokens_and_changes_meanwhile_
         assert index.candidates(gone_ip) and not index.candidates(new_ip)  # the agent has seen none of it
     cluster.start_apiserver()
     await agent.until("the changes made during the outage", lambda: bool(index.candidates(new_ip)) and any(
-        p.name == "reuser" for p in index.candidates(gone_ip)), timeout_s=RECONNECT_S)
+        p.name == "reuser" for p in index.candidates(gone_ip)), timeout_s=RECONNECT_S, advance_s=BACKOFF_STEP_S)
     assert [p.name for p in index.candidates(gone_ip)] == ["reuser"]
     assert await agent.token_for(kept_ip) == kept_token  # nothing was re-minted for the known pod
     reused = agent.google.token_info(await agent.token_for(gone_ip))
@@ -102,9 +105,11 @@ async def test_compacted_history_gives_410_and_a_relist_that_finds_the_changes(
     cluster.start_apiserver()
 
     await agent.until("410 Gone", lambda: agent.metric(
-        "metaemu_pod_watch_restarts_total", reason="expired") > expired_before, timeout_s=RECONNECT_S)
+        "metaemu_pod_watch_restarts_total", reason="expired") > expired_before, timeout_s=RECONNECT_S,
+        advance_s=BACKOFF_STEP_S)
     await agent.until("the relisted pods", lambda: bool(index.candidates(second_ip))
-                      and not index.candidates(first_ip), timeout_s=RECONNECT_S)
-    assert (await agent.get(first_ip, SA_PATH + "token")).status == 403
+                      and not index.candidates(first_ip), timeout_s=RECONNECT_S, advance_s=BACKOFF_STEP_S)
+    refused, _ = await agent.drive(agent.get(first_ip, SA_PATH + "token"))
+    assert refused.status == 403
     info = agent.google.token_info(await agent.token_for(second_ip))
     assert info is not None and info.email == GSA
