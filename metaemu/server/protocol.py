@@ -53,6 +53,7 @@ class MetadataRequestHandler(RequestHandler):
         #: Set once the client has ended its side or the connection is lost: a long poll ends
         #: then and frees its slot (an EOF is all a server sees of a client that closed).
         self.client_gone = asyncio.Event()
+        self._close_when_drained = False
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.client_gone.set()
@@ -61,16 +62,29 @@ class MetadataRequestHandler(RequestHandler):
     def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol allows True
         """The client ended its side (``printf ... | nc -N``, a shutdown after the request).
         aiohttp closes at once, dropping the answer to a request already received; here that
-        request is answered and then the connection closes, as Go's server does (RFC 9112 §9.6
-        lets a client half-close). Idle between requests (or inside an unfinished head), close at
-        once as before. (Reads two attributes of aiohttp's protocol: no public API says whether it
-        is idle; ``start()`` waits on ``_waiter`` exactly when it has no request to handle.)"""
+        request is answered (and every pipelined one before it) and then the connection closes,
+        as Go's server does (RFC 9112 §9.6 lets a client half-close). Idle between requests (or
+        inside an unfinished head), close at once as before. (Reads two attributes of aiohttp's
+        protocol: no public API says whether it is idle; ``start()`` waits on ``_waiter`` exactly
+        when it has no request to handle.)"""
         self.client_gone.set()
         waiter = self._waiter
         if not self._messages and waiter is not None and not waiter.done():
             return None
-        self.close()  # no further pipelined request: answer what is here, then close
+        if self._messages:  # pipelined requests received before the EOF: answer each, then close
+            self._close_when_drained = True
+        else:
+            self.close()  # the request in hand is the last: answer it, then close
         return True
+
+    async def _handle_request(self, request: BaseRequest, start_time: float | None,
+                              request_handler: Any) -> tuple[StreamResponse, bool]:
+        """aiohttp's, but after a client's EOF the last request it sent closes the connection
+        once answered; the ones before it are answered too (aiohttp's ``close()`` drops them)."""
+        if self._close_when_drained and not self._messages:
+            self.close()
+        result: tuple[StreamResponse, bool] = await super()._handle_request(request, start_time, request_handler)
+        return result
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> StreamResponse:
