@@ -5,14 +5,13 @@ exit codes only; no business logic. Exit codes: 0 success or clean SIGTERM, 2 co
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from metaemu import __version__
+from metaemu import __version__, eventloop
 from metaemu.config import load_config
 from metaemu.errors import ConfigError
 from metaemu.logs import setup_logging
@@ -77,7 +76,7 @@ def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = 
 
 def run_server(server: MetaemuServer) -> int:
     try:
-        asyncio.run(serve_until_signalled(server))
+        eventloop.run(serve_until_signalled(server))
     except StartupError as exc:
         print(f"metaemu: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from metaemu import eventloop
 from metaemu.clock import SystemClock
 from metaemu.config import parse_config
 from metaemu.errors import ConfigError
@@ -28,7 +29,7 @@ TOKEN_ROTATE_S = 0.8 * TOKEN_LIFETIME_S
 def run_demo(*, listen: str, admin_listen: str, profile: str, env: dict[str, str]) -> int:
     setup_logging(env.get("METAEMU_LOG_LEVEL", "info"))
     try:
-        asyncio.run(_demo(listen=listen, admin_listen=admin_listen, profile=profile))
+        eventloop.run(_demo(listen=listen, admin_listen=admin_listen, profile=profile))
     except (ConfigError, StartupError) as exc:
         print(f"metaemu demo: {exc}")
         return 2

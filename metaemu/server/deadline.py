@@ -11,7 +11,7 @@ Written by hand because no option of aiohttp (or a small library) provides it.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 #: Every real client sends its headers in one segment, within milliseconds; 10 s leaves room for a
 #: loaded node while cutting slowloris-style holders off quickly.
@@ -39,8 +39,8 @@ class HeaderDeadline(asyncio.Protocol):
                 self._timer.cancel()
                 self._timer = None
                 # Done: hand the connection to aiohttp directly, so keep-alive traffic pays nothing.
-                if isinstance(self._transport, asyncio.Transport):
-                    self._transport.set_protocol(self._inner)
+                # (uvloop's transports are not asyncio.Transport subclasses, but have set_protocol.)
+                cast(asyncio.Transport, self._transport).set_protocol(self._inner)
             else:
                 self._tail = seen[-(len(_END_OF_HEADERS) - 1):]
         self._inner.data_received(data)
