@@ -197,6 +197,8 @@ class Config:
     node: NodeConfig | None = None
     endpoints: Endpoints = field(default_factory=Endpoints)
     allowed_hosts: tuple[str, ...] = ()
+    #: Answer the common cached GETs at the protocol level (metaemu.server.fast_path, issue #12).
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         if self.listen.overlaps(self.admin_listen):
@@ -275,7 +277,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 #: Every key the file accepts, by section (the README's configuration reference is tested against these).
 TOP_KEYS = frozenset({"listen", "admin_listen", "profile", "log_level", "project_id", "numeric_project_id",
                       "project_attributes", "instance", "workload_identity", "endpoints", "allowed_hosts", "mode",
-                      "node"})
+                      "node", "fast_path"})
 NODE_KEYS = frozenset({"name", "audience", "service_account_annotation", "token_expiration_seconds",
                        "host_network", "kubeconfig", "host_addresses", "scopes", "token_lifetime_seconds",
                        "rate_limit_per_second", "rate_limit_burst", "max_concurrent_requests",
@@ -334,6 +336,7 @@ def parse_config(raw: Mapping[str, Any], *, hostname: str, base_dir: Path) -> Co
         node=node,
         endpoints=endpoints,
         allowed_hosts=_str_list(raw, "allowed_hosts", "allowed_hosts"),
+        fast_path=_bool(raw, "fast_path", True),
     )
 
 
@@ -499,6 +502,13 @@ def _opt_str(raw: Mapping[str, Any], key: str, prefix: str = "") -> str | None:
 
 def _str(raw: Mapping[str, Any], key: str, default: str, prefix: str = "") -> str:
     return _opt_str(raw, key, prefix) or default
+
+
+def _bool(raw: Mapping[str, Any], key: str, default: bool, prefix: str = "") -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(prefix + key, f"must be true or false, got {value!r}")
+    return value
 
 
 def _int(raw: Mapping[str, Any], key: str, default: int, prefix: str = "") -> int:

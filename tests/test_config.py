@@ -53,6 +53,11 @@ def test_project_id_is_derived_from_the_service_account() -> None:
     assert parse(raw).project_id == "my-project"
 
 
+def test_the_fast_path_is_on_unless_turned_off() -> None:
+    assert parse(base()).fast_path is True
+    assert parse({**base(), "fast_path": False}).fast_path is False
+
+
 def test_without_service_account_email_is_the_workload_pool() -> None:
     raw = base()
     del raw["workload_identity"]["service_account"]
@@ -69,6 +74,7 @@ def test_without_service_account_email_is_the_workload_pool() -> None:
         (lambda r: r.update(log_level="loud"), "log_level"),
         (lambda r: r.update(numeric_project_id="12ab"), "numeric_project_id"),
         (lambda r: r.update(surprise=1), "surprise"),
+        (lambda r: r.update(fast_path="yes"), "fast_path"),
         (lambda r: r["workload_identity"].pop("audience"), "workload_identity.audience"),
         (lambda r: r["workload_identity"].update(audience="pool/prov"), "workload_identity.audience"),
         (lambda r: r["workload_identity"].update(service_account="not-an-email"), "workload_identity.service_account"),

@@ -31,6 +31,7 @@ from metaemu.pods.agent import NodeAgent
 from metaemu.pods.kube_client import KubeConnection
 from metaemu.pods.stream import KubeHttp, KubeTransport
 from metaemu.server.context import RequestContext, SidecarContext
+from metaemu.server.fast_path import FastAnswers
 from metaemu.server.handlers import MetadataHandler
 from metaemu.server.limits import RateLimiter
 from metaemu.server.metadata_tree import build_tree, index_tree
@@ -51,6 +52,8 @@ class Components:
     contexts: SidecarContext | NodeAgent
     refresher: Refresher
     handler: MetadataHandler
+    #: The protocol-level fast path's answers (issue #12); None when ``fast_path: false``.
+    fast: FastAnswers | None = None
 
     @property
     def credentials(self) -> CachedCredentials:
@@ -99,7 +102,13 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
                            listen, listen.replace("0.0.0.0", "127.0.0.1")])
     handler = MetadataHandler(contexts=contexts, responder=Responder(config.profile), metrics=metrics, clock=clock,
                               hosts=hosts, limiter=limiter, max_concurrent=max_concurrent)
-    return Components(config=config, metrics=metrics, contexts=contexts, refresher=refresher, handler=handler)
+    fast = None
+    if config.fast_path:
+        static = contexts.static
+        fast = FastAnswers(index=static.index if static else None, credentials=static.credentials if static else None,
+                           responder=handler.responder, metrics=metrics, clock=clock, hosts=hosts)
+    return Components(config=config, metrics=metrics, contexts=contexts, refresher=refresher, handler=handler,
+                      fast=fast)
 
 
 def create_metadata_app(components: Components) -> web.Application:

@@ -63,6 +63,11 @@ class Responder:
         self._base = base
         self._ok_headers: dict[str, CIMultiDict[str]] = {}
 
+    @property
+    def base_headers(self) -> dict[str, str]:
+        """The headers every response of this profile starts with, in order."""
+        return dict(self._base)
+
     def ok(self, data: bytes, content_type: str, etag: str | None) -> web.Response:
         headers = self._ok_headers.get(content_type)
         if headers is None:

@@ -21,10 +21,12 @@ from aiohttp.web_request import BaseRequest
 
 from metaemu.clock import Clock, SystemClock
 from metaemu.config import Config, HostPort
+from metaemu.eventloop import loop_name
 from metaemu.metrics import Metrics, create_metrics
 from metaemu.pods.stream import KubeHttp, KubeTransport
 from metaemu.server.app import Components, build_components, create_metadata_app
 from metaemu.server.deadline import HeaderDeadline
+from metaemu.server.fast_path import FastPathProtocol
 from metaemu.server.health import create_admin_app
 from metaemu.server.protocol import MetadataRequestHandler
 from metaemu.transport import AiohttpClient, HttpClient
@@ -57,6 +59,7 @@ class MetaemuServer:
             kube_transport=kube_transport)
         self._runners: list[web.AppRunner] = []
         self._listeners: list[asyncio.Server] = []
+        self._fast_connections: set[FastPathProtocol] = set()
         self.metadata_address: HostPort = config.listen
         self.admin_address: HostPort = config.admin_listen
 
@@ -80,7 +83,7 @@ class MetaemuServer:
         self.metadata_address = await self._bind(metadata, self.config.listen, "listen", protocol=protocol)
         self.admin_address = await self._bind(admin, self.config.admin_listen, "admin_listen")
         log.info("serving", extra={"listen": str(self.metadata_address), "admin_listen": str(self.admin_address),
-                                   "profile": self.config.profile, "mode": self.config.mode,
+                                   "profile": self.config.profile, "mode": self.config.mode, "event_loop": loop_name(),
                                    "email": self.config.email if self.config.mode == "sidecar" else None})
 
     async def _bind(self, app: web.Application, address: HostPort, key: str, *,
@@ -101,10 +104,18 @@ class MetaemuServer:
         loop = asyncio.get_running_loop()
         handler_factory: Callable[[], asyncio.Protocol] = server if protocol is None else partial(
             protocol, server, loop=loop, keepalive_timeout=IDLE_TIMEOUT_S, access_log=None)
+        fast = self.components.fast if protocol is not None else None
+        connection_factory: Callable[[], asyncio.Protocol]
+        if fast is not None and fast.enabled:
+            # Each connection starts on the fast path, which hands it to aiohttp at the first doubt.
+            connection_factory = partial(FastPathProtocol, answers=fast, full=handler_factory,
+                                         open_connections=self._fast_connections, idle_timeout_s=IDLE_TIMEOUT_S)
+        else:
+            def connection_factory() -> asyncio.Protocol:
+                return HeaderDeadline(handler_factory())
         try:
             # Not TCPSite: each connection's protocol is wrapped in a read-header deadline (SEC-24).
-            listener = await loop.create_server(
-                lambda: HeaderDeadline(handler_factory()), address.host, address.port, reuse_address=True)
+            listener = await loop.create_server(connection_factory, address.host, address.port, reuse_address=True)
         except OSError as exc:
             await self.stop()
             raise StartupError(f"{key}: cannot listen on {address}: {exc.strerror or exc}") from exc
@@ -115,6 +126,8 @@ class MetaemuServer:
         self.components.handler.shutdown.set()
         for listener in self._listeners:  # stop accepting first; in-flight requests finish below
             listener.close()
+        for connection in list(self._fast_connections):  # idle by construction: nothing in flight
+            connection.close_idle()
         for runner in reversed(self._runners):
             await runner.cleanup()  # finishes in-flight requests, then closes every connection
         for listener in self._listeners:

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from metaemu import eventloop
 from metaemu.testing.world import SERVICE_ACCOUNT, World, build_world
 from tests.helpers import running_server
 
@@ -71,7 +72,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             while not stop.is_set():  # the loop must stay free for the server: wake rarely
                 await asyncio.get_running_loop().run_in_executor(None, stop.wait, 1.0)
 
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="metaemu-under-fuzz")
+    thread = threading.Thread(target=eventloop.run, args=(serve(),), name="metaemu-under-fuzz")  # as `serve` runs
     thread.start()
     assert started.wait(30), "metaemu did not start"
     result = Served(port=ready[0], world=world)

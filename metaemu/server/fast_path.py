@@ -1,0 +1,338 @@
+"""The metadata listener's fast path (issue #12): the common request answered at the protocol level,
+in front of aiohttp, with pre-rendered bytes.
+
+A profile of the token path showed where the time goes: aiohttp's request parsing and response
+building cost more than everything metaemu does, so no handler trimming gets past a bare aiohttp
+handler. ``FastPathProtocol`` is each connection's first protocol. When a read holds exactly one
+complete request head that ``FastAnswers.answer`` can prove is an exact, well-formed GET of a hot
+leaf whose answer is in memory, it writes that answer, byte for byte what aiohttp and
+``MetadataHandler`` would write (tests/server/test_fast_path_differential.py sends the same corpus
+to a server with and without it). On anything else — a partial read, a pipelined second request,
+a body, an unknown header, a second copy of a header, a target spelled any other way, a token not
+cached, write back-pressure: any doubt at all — it hands the connection, with the bytes it read, to
+the full aiohttp protocol for good (``transport.set_protocol``), which then sees exactly the
+connection it would have seen from the start.
+
+What the fast path may answer (sidecar mode; node mode hands every connection over):
+- ``token`` of the default account's path (``default`` or its email) with no query: the cached
+  token for the default scopes;
+- ``identity?audience=A`` with A of URL-safe characters only, for an audience already cached;
+- every static leaf and directory listing, without a query (email, project id, numeric project id,
+  aliases, scopes, zone, ...).
+
+It keeps what the full path guarantees: the read-header deadline (SEC-24) until the first request,
+aiohttp's keep-alive timeout after each answer, the request metrics and token-cache counts of the
+full handler (plain integers, published at scrape time), and a graceful stop.
+
+Written by hand because no library answers HTTP/1.1 this way; the parser accepts a strict subset of
+what aiohttp accepts, and everything outside it goes to aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import cast
+
+from aiohttp.helpers import rfc822_formatted_time
+
+from metaemu.cache.credentials import CachedCredentials, IdTokenKey
+from metaemu.clock import Clock
+from metaemu.credentials.tokens import AccessToken, IdentityToken
+from metaemu.metrics import Metrics
+from metaemu.server.deadline import HEADER_DEADLINE_S, HeaderDeadline
+from metaemu.server.metadata_tree import Body, Entry
+from metaemu.server.responses import JSON, TEXT, Responder
+from metaemu.server.rules import HostAllowList
+
+#: A longer head goes to aiohttp (real clients send about 300 bytes): well inside aiohttp's own
+#: limits (protocol.py), so a head the fast path answers is never one aiohttp would refuse.
+MAX_HEAD_BYTES = 4096
+#: Any byte outside printable ASCII, CR, LF and HT: hand over (obs-text, NUL, bare CR are aiohttp's).
+_UNUSUAL = re.compile(rb"[^\x20-\x7e\r\n\t]")
+#: An audience the fast path takes as is: no percent-encoding, '+', '&', ';' or '=' to decode.
+_PLAIN_AUDIENCE = re.compile(rb"[A-Za-z0-9._~:/-]{1,512}")
+_IDENTITY_QUERY = b"?audience="
+#: Header fields the full handler never reads on a GET of these paths: repeatable, any value.
+_IGNORED = frozenset({b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"x-goog-api-client",
+                      b"cache-control"})
+_HOST, _FLAVOR, _CONNECTION = b"host", b"metadata-flavor", b"connection"
+_KEEP_ALIVE = frozenset({b"keep-alive", b"Keep-Alive"})
+_OWS = b" \t"
+#: Memo sizes (Host values seen, identity queries): hostile input cannot grow them further.
+_MEMO_LIMIT = 256
+
+
+@dataclass(slots=True)
+class _Leaf:
+    """A static answer: everything but the Date header is fixed."""
+
+    route: str
+    head: bytes  # status line and headers up to "Date: "
+    tail: bytes  # the rest: end of headers and the body
+    second: int = -1
+    rendered: bytes = b""
+
+
+@dataclass(slots=True)
+class _Token:
+    """The default token's answer, rebuilt when the token, its whole seconds left or Date change."""
+
+    route: str
+    token: AccessToken | None = None
+    expires_in: int = -1
+    second: int = -1
+    rendered: bytes = b""
+
+
+class FastAnswers:
+    """Decides whether one complete request head is fast-path material and renders its answer."""
+
+    def __init__(self, *, index: Mapping[str, Entry] | None, credentials: CachedCredentials | None,
+                 responder: Responder, metrics: Metrics, clock: Clock, hosts: HostAllowList) -> None:
+        self._creds = credentials
+        self._metrics = metrics
+        self._clock = clock
+        self._hosts = hosts
+        self._hosts_seen: set[bytes] = set()
+        self._base = b"".join(f"{k}: {v}\r\n".encode() for k, v in responder.base_headers.items())
+        self._leaves: dict[bytes, _Leaf] = {}
+        self._tokens: dict[bytes, _Token] = {}
+        self._identity: dict[bytes, str] = {}  # identity paths -> their route
+        self._identity_keys: dict[bytes, IdTokenKey] = {}
+        #: Requests answered here (plain integer; the request metrics count them as well).
+        self.served = 0
+        if index is None or credentials is None:
+            return  # node mode: every request is the full handler's
+        for key, entry in index.items():
+            target = key.encode()
+            if entry.kind == "dynamic":
+                if entry.dynamic == "token":
+                    self._tokens[target] = _Token(route=entry.route)
+                elif entry.dynamic == "identity" and credentials.service_account is not None:
+                    self._identity[target] = entry.route
+            elif entry.plain is not None:
+                self._leaves[target] = self._leaf(entry.route, entry.plain)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._leaves)
+
+    def _leaf(self, route: str, body: Body) -> _Leaf:
+        head = (b"HTTP/1.1 200 OK\r\n" + self._base + f"Content-Type: {body.content_type}\r\nETag: {body.etag}\r\n"
+                f"Content-Length: {len(body.data)}\r\nDate: ".encode())
+        return _Leaf(route=route, head=head, tail=b"\r\n\r\n" + body.data)
+
+    def answer(self, data: bytes, started: float) -> bytes | None:
+        """The complete response to ``data`` (one request head, ending in its blank line), or None
+        when the full handler must answer it. Records the request as the full handler would."""
+        if (len(data) > MAX_HEAD_BYTES or not data.startswith(b"GET /") or data.find(b"\r\n\r\n") != len(data) - 4
+                or _UNUSUAL.search(data) is not None):
+            return None
+        lines = data[:-4].split(b"\r\n")
+        if data.count(b"\n") != len(lines) + 1 or data.count(b"\r") != len(lines) + 1:
+            return None  # a bare CR or LF somewhere: aiohttp's to judge
+        request_line = lines[0]
+        if not request_line.endswith(b" HTTP/1.1"):
+            return None
+        target = request_line[4:-9]
+        if not self._headers_are_plain(lines):
+            return None
+        leaf = self._leaves.get(target)
+        if leaf is not None:
+            out = self._render_leaf(leaf)
+            route = leaf.route
+        else:
+            found = self._render_dynamic(target)
+            if found is None:
+                return None
+            route, out = found
+        self._metrics.requests.record(route, 200, time.perf_counter() - started)
+        self.served += 1
+        return out
+
+    def _headers_are_plain(self, lines: list[bytes]) -> bool:
+        """Exactly one allowed Host, exactly one ``Metadata-Flavor: Google``, an optional
+        ``Connection: keep-alive`` and otherwise only fields the handler ignores."""
+        host = flavor = connection = False
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                return False
+            name = name.lower()  # the name has no whitespace: a padded name matches nothing here
+            value = value.strip(_OWS)
+            if name in _IGNORED:
+                continue
+            if name == _HOST:
+                if host or not self._host_allowed(value):
+                    return False
+                host = True
+            elif name == _FLAVOR:
+                if flavor or value != b"Google":
+                    return False
+                flavor = True
+            elif name == _CONNECTION:
+                if connection or value not in _KEEP_ALIVE:
+                    return False
+                connection = True
+            else:
+                return False  # X-Forwarded-For, Content-Length, Transfer-Encoding, anything else
+        return host and flavor
+
+    def _host_allowed(self, value: bytes) -> bool:
+        if value in self._hosts_seen:
+            return True
+        if not value or not self._hosts.allows(value.decode("ascii")):
+            return False
+        if len(self._hosts_seen) < _MEMO_LIMIT:
+            self._hosts_seen.add(value)
+        return True
+
+    def _render_leaf(self, leaf: _Leaf) -> bytes:
+        second = int(time.time())
+        if leaf.second != second:
+            leaf.rendered = leaf.head + rfc822_formatted_time().encode() + leaf.tail
+            leaf.second = second
+        return leaf.rendered
+
+    def _render_dynamic(self, target: bytes) -> tuple[str, bytes] | None:
+        creds = self._creds
+        if creds is None:
+            return None
+        slot = self._tokens.get(target)
+        if slot is not None:
+            now_ts = self._clock.time()
+            token = creds.access.get_nowait(creds.default_scopes, now_ts)
+            if token is None:
+                return None
+            return slot.route, self._render_token(slot, token, now_ts)
+        path, sep, audience = target.partition(_IDENTITY_QUERY)
+        route = self._identity.get(path) if sep else None
+        if route is None or _PLAIN_AUDIENCE.fullmatch(audience) is None:
+            return None
+        key = self._identity_keys.get(audience)
+        if key is None:
+            key = IdTokenKey(audience=audience.decode("ascii"), format="standard", licenses=False)
+            if len(self._identity_keys) < _MEMO_LIMIT:
+                self._identity_keys[audience] = key
+        id_token = creds.identity.get_nowait(key, self._clock.time())
+        if id_token is None:
+            return None
+        return route, self._render_id_token(id_token)
+
+    def _render_token(self, slot: _Token, token: AccessToken, now_ts: float) -> bytes:
+        expires_in = token.expires_in_at(now_ts)
+        second = int(time.time())
+        if slot.token is not token or slot.expires_in != expires_in or slot.second != second:
+            # The same text MetadataHandler._token_body renders (SA-06).
+            body = (b'{"access_token":' + json.dumps(token.value).encode() + b',"expires_in":'
+                    + str(expires_in).encode() + b',"token_type":"Bearer"}')
+            slot.rendered = self._dynamic_response(JSON, body)
+            slot.token, slot.expires_in, slot.second = token, expires_in, second
+        return slot.rendered
+
+    def _render_id_token(self, token: IdentityToken) -> bytes:
+        return self._dynamic_response(TEXT, token.value.encode())
+
+    def _dynamic_response(self, content_type: str, body: bytes) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\n" + self._base + f"Content-Type: {content_type}\r\nContent-Length: {len(body)}"
+                f"\r\nDate: {rfc822_formatted_time()}\r\n\r\n".encode() + body)
+
+
+class FastPathProtocol(asyncio.Protocol):
+    """One connection of the metadata listener while the fast path answers it."""
+
+    __slots__ = ("_answers", "_full", "_header_timer", "_idle_s", "_idle_timer", "_idle_until", "_loop", "_open",
+                 "_opened_at", "_paused", "_transport")
+
+    def __init__(self, *, answers: FastAnswers, full: Callable[[], asyncio.Protocol],
+                 open_connections: set[FastPathProtocol], idle_timeout_s: float) -> None:
+        self._answers = answers
+        self._full = full
+        self._open = open_connections
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._opened_at = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_until = 0.0
+        self._idle_s = idle_timeout_s
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; both have the same methods.
+        self._transport = cast(asyncio.Transport, transport)
+        self._open.add(self)
+        self._opened_at = self._loop.time()
+        # SEC-24: the first request's head must arrive within the deadline, as on the full path.
+        self._header_timer = self._loop.call_at(self._opened_at + HEADER_DEADLINE_S, self._close)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        assert transport is not None
+        if not self._paused and data.endswith(b"\r\n\r\n"):
+            out = self._answers.answer(data, time.perf_counter())
+            if out is not None:
+                if self._header_timer is not None:
+                    self._header_timer.cancel()
+                    self._header_timer = None
+                transport.write(out)
+                # aiohttp's keep-alive timeout from the last answer; one timer, moved lazily.
+                self._idle_until = self._loop.time() + self._idle_s
+                if self._idle_timer is None:
+                    self._idle_timer = self._loop.call_at(self._idle_until, self._idle_check)
+                return
+        self._hand_over(transport, data)
+
+    def _hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Give the connection, and what was read, to the full protocol; this one is done."""
+        first_request = self._header_timer is not None
+        self._forget()
+        inner = self._full()
+        if first_request:  # no request answered yet: the read-header deadline still runs
+            remaining = max(0.0, self._opened_at + HEADER_DEADLINE_S - self._loop.time())
+            inner = HeaderDeadline(inner, deadline_s=remaining)
+        transport.set_protocol(inner)
+        inner.connection_made(transport)
+        if self._paused:
+            inner.pause_writing()
+        inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # idle (every answer is written at once): close, as aiohttp does when idle
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._forget()
+
+    def pause_writing(self) -> None:
+        self._paused = True  # the next request goes to aiohttp, which waits for the drain
+
+    def resume_writing(self) -> None:
+        self._paused = False
+
+    def close_idle(self) -> None:
+        """Graceful stop: nothing is ever in flight here, so close now."""
+        self._close()
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self._loop.time() < self._idle_until:
+            self._idle_timer = self._loop.call_at(self._idle_until, self._idle_check)
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        self._header_timer = None
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _forget(self) -> None:
+        self._open.discard(self)
+        for timer in (self._header_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._idle_timer = None
