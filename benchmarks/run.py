@@ -1,6 +1,7 @@
 """metaemu benchmark: ``.venv/bin/python benchmarks/run.py [--quick] [--output FILE]``.
 
-Measures, in one run: (1) token endpoint throughput and latency against a bare aiohttp baseline,
+Measures, in one run: (1) throughput, latency and CPU per request of the token, ID token and email
+requests against Go's net/http and a bare aiohttp handler on uvloop serving the same bytes,
 (2) cold start of ``metaemu serve`` to its first token, (3) resident memory idle and under a flood
 of distinct ID-token audiences, (4) upstream calls per identity per simulated hour under sustained
 load. Prints a Markdown table and writes the figures as JSON (``benchmarks/results.json`` for a
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
     started = time.perf_counter()
 
-    _progress("1/4 token endpoint: bare aiohttp baseline vs metaemu")
+    _progress("1/4 token, ID token, email: Go net/http and bare aiohttp+uvloop baselines vs metaemu")
     throughput = measure_throughput(tool=tool, runs=settings.runs, run_s=settings.run_s, warmup_s=settings.warmup_s,
                                     connections=settings.connections, server_cpu=server_cpu, load_cpu=load_cpu)
     _progress("2-3/4 cold start and RSS of `metaemu serve`")

@@ -1,9 +1,10 @@
 """The servers under load, each in its own process pinned to one core.
 
 Owns the child-process entry points (metaemu with the in-process Google stand-in, the bare aiohttp
-baseline, the Google stand-in on a loopback socket) and ``ServerProcess``, which starts one, reads
-back what it bound and stops it. Children are started with ``spawn`` so they share nothing with the
-benchmark process (no inherited event loop, no copied heap).
+baseline on uvloop, Go's net/http baseline, the Google stand-in on a loopback socket) and
+``ServerProcess``, which starts one, reads back what it bound and stops it. Children are started
+with ``spawn`` so they share nothing with the benchmark process (no inherited event loop, no
+copied heap).
 
 Not owned here: load generation (``load.py``) or any measurement.
 """
@@ -11,12 +12,17 @@ Not owned here: load generation (``load.py``) or any measurement.
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
+import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +38,12 @@ START_TIMEOUT_S = 30.0
 #: How long a child gets to shut down gracefully after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 10.0
 TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"
+#: The ID token the benchmark asks for; metaemu caches it before it reports ready.
+BENCH_AUDIENCE = "https://bench.example/aud"
+IDENTITY_PATH = f"/computeMetadata/v1/instance/service-accounts/default/identity?audience={BENCH_AUDIENCE}"
+EMAIL_PATH = "/computeMetadata/v1/instance/service-accounts/default/email"
+ROOT = Path(__file__).resolve().parents[1]
+GO_BASELINE_SRC = ROOT / "benchmarks" / "go_baseline"
 
 ChildMain = Callable[..., None]
 
@@ -116,34 +128,79 @@ async def _serve_app(app: web.Application, conn: multiprocessing.connection.Conn
 # ---------------------------------------------------------------- bare aiohttp baseline
 
 
-def baseline_app(body: bytes, headers: Mapping[str, str]) -> web.Application:
-    """One handler answering ``TOKEN_PATH`` with fixed bytes and headers: the floor for aiohttp."""
-    frozen = dict(headers)
+Routes = dict[str, tuple[bytes, dict[str, str]]]  # request target -> (body, headers)
 
-    async def token(_: web.Request) -> web.Response:
-        return web.Response(body=body, headers=frozen)
+
+def baseline_app(routes: Routes) -> web.Application:
+    """One handler answering each target with fixed bytes and headers: the floor for aiohttp."""
+    frozen = {target: (body, dict(headers)) for target, (body, headers) in routes.items()}
+
+    async def answer(request: web.Request) -> web.Response:
+        found = frozen.get(request.path_qs)
+        if found is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=found[0], headers=found[1])
 
     app = web.Application()
-    app.router.add_get(TOKEN_PATH, token)
+    app.router.add_get("/{tail:.*}", answer)
     return app
 
 
-def baseline_main(conn: multiprocessing.connection.Connection, cpu: int | None, body: bytes,
-                  headers: dict[str, str]) -> None:
+def baseline_main(conn: multiprocessing.connection.Connection, cpu: int | None, routes: Routes) -> None:
+    from metaemu import eventloop
+
     pin_to_cpu(cpu)
-    asyncio.run(_serve_app(baseline_app(body, headers), conn, lambda port: port))
+    eventloop.run(_serve_app(baseline_app(routes), conn, lambda port: (port, os.getpid())))
+
+
+# ---------------------------------------------------------------- Go net/http baseline
+
+
+def build_go_baseline(directory: Path) -> Path:
+    """``go build`` of benchmarks/go_baseline (standard library only) into ``directory``."""
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    out = directory / "go_baseline"
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"}
+    subprocess.run([go, "build", "-o", str(out), "."], cwd=GO_BASELINE_SRC, env=env, check=True, timeout=300,
+                   capture_output=True)
+    return out
+
+
+def go_main(conn: multiprocessing.connection.Connection, cpu: int | None, binary: str, routes: Routes) -> None:
+    """Go's net/http on one core (GOMAXPROCS=1, pinned), answering ``routes``."""
+    pin_to_cpu(cpu)
+    spec = {target: {"body": base64.b64encode(body).decode(), "headers": headers}
+            for target, (body, headers) in routes.items()}
+    proc = subprocess.Popen([binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "GOMAXPROCS": "1"})
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write(json.dumps(spec))
+    proc.stdin.close()
+    port = int(proc.stdout.readline())
+    conn.send((port, proc.pid))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait(24 * 3600)
+    proc.terminate()
+    proc.wait(STOP_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------- metaemu, Google in process
 
 
 def metaemu_main(conn: multiprocessing.connection.Connection, cpu: int | None) -> None:
-    """metaemu on loopback; upstream calls go to the in-process stand-in (no sockets, no latency)."""
+    """metaemu on loopback; upstream calls go to the in-process stand-in (no sockets, no latency).
+    On the loop ``metaemu serve`` runs on (uvloop where installed)."""
+    from metaemu import eventloop
+
     pin_to_cpu(cpu)
-    asyncio.run(_metaemu(conn))
+    eventloop.run(_metaemu(conn))
 
 
 async def _metaemu(conn: multiprocessing.connection.Connection) -> None:
+    from metaemu.cache.credentials import IdTokenKey
     from metaemu.config import parse_config
     from metaemu.server.runner import MetaemuServer
     from metaemu.testing.world import build_world
@@ -155,7 +212,9 @@ async def _metaemu(conn: multiprocessing.connection.Connection) -> None:
         async with MetaemuServer(config, http=world.google.client()) as server:
             creds = server.components.credentials
             await creds.access.get(creds.default_scopes, wait_s=START_TIMEOUT_S)
-            conn.send(server.metadata_address.port)
+            await creds.id_token(IdTokenKey(audience=BENCH_AUDIENCE, format="standard", licenses=False),
+                                 wait_s=START_TIMEOUT_S)
+            conn.send((server.metadata_address.port, os.getpid()))
             await _until_sigterm()
 
 

@@ -20,4 +20,9 @@ def test_benchmark_quick_run_reports_every_measurement(tmp_path: Path) -> None:
     assert results["throughput"]["ratio"] > 0
     assert results["startup"]["idle_rss_kb"] > 0
     assert all(r["statuses"] == {"200": r["requests"]} for r in results["upstream_calls"])
-    assert "| **ratio metaemu / baseline**" in proc.stdout
+    for endpoint in ("token", "identity", "email"):
+        figures = results["throughput"]["endpoints"][endpoint]
+        assert figures["ratio_go"] > 0 and figures["ratio_aiohttp"] > 0, endpoint
+        assert figures["metaemu"]["cpu_us"] > 0, endpoint
+        assert f"| **{endpoint}: ratio metaemu / Go net/http**" in proc.stdout
+    assert all(m["idle"] > 0 and m["peak"] >= m["idle"] for m in results["throughput"]["memory_kb"].values())

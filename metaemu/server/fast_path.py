@@ -63,8 +63,10 @@ _IGNORED = frozenset({b"user-agent", b"accept", b"accept-encoding", b"accept-lan
 _HOST, _FLAVOR, _CONNECTION = b"host", b"metadata-flavor", b"connection"
 _KEEP_ALIVE = frozenset({b"keep-alive", b"Keep-Alive"})
 _OWS = b" \t"
-#: Memo sizes (Host values seen, identity queries): hostile input cannot grow them further.
+#: Memo sizes (Host values seen; whole request heads judged fast-path material): hostile input
+#: cannot grow them further, and real clients use a handful of each.
 _MEMO_LIMIT = 256
+MAX_REMEMBERED_HEADS = 256  # at most MAX_HEAD_BYTES each: 1 MiB
 
 
 @dataclass(slots=True)
@@ -77,6 +79,13 @@ class _Leaf:
     second: int = -1
     rendered: bytes = b""
 
+    def render(self, answers: FastAnswers) -> bytes:
+        second = int(time.time())
+        if self.second != second:
+            self.rendered = self.head + rfc822_formatted_time().encode() + self.tail
+            self.second = second
+        return self.rendered
+
 
 @dataclass(slots=True)
 class _Token:
@@ -88,48 +97,113 @@ class _Token:
     second: int = -1
     rendered: bytes = b""
 
+    def render(self, answers: FastAnswers) -> bytes | None:
+        creds = answers.credentials
+        now_ts = answers.clock.time()
+        token = creds.access.get_nowait(creds.default_scopes, now_ts)
+        if token is None:
+            return None
+        expires_in = token.expires_in_at(now_ts)
+        second = int(time.time())
+        if self.token is not token or self.expires_in != expires_in or self.second != second:
+            # The same text MetadataHandler._token_body renders (SA-06).
+            body = (b'{"access_token":' + json.dumps(token.value).encode() + b',"expires_in":'
+                    + str(expires_in).encode() + b',"token_type":"Bearer"}')
+            self.rendered = answers.dynamic_response(JSON, body)
+            self.token, self.expires_in, self.second = token, expires_in, second
+        return self.rendered
+
+
+@dataclass(slots=True)
+class _IdToken:
+    """An ID token's answer for one audience, rebuilt when the token or Date change."""
+
+    route: str
+    key: IdTokenKey
+    token: IdentityToken | None = None
+    second: int = -1
+    rendered: bytes = b""
+
+    def render(self, answers: FastAnswers) -> bytes | None:
+        token = answers.credentials.identity.get_nowait(self.key, answers.clock.time())
+        if token is None:
+            return None
+        second = int(time.time())
+        if self.token is not token or self.second != second:
+            self.rendered = answers.dynamic_response(TEXT, token.value.encode())
+            self.token, self.second = token, second
+        return self.rendered
+
+
+_Slot = _Leaf | _Token | _IdToken
+
 
 class FastAnswers:
-    """Decides whether one complete request head is fast-path material and renders its answer."""
+    """Decides whether one complete request head is fast-path material and renders its answer.
+
+    A head that passed every check is remembered (byte for byte, up to ``MAX_REMEMBERED_HEADS``)
+    with what it asks for: real clients send the same bytes on every request, and the same bytes
+    are always judged the same (the checks depend on nothing else), so a repeat costs one lookup.
+    """
 
     def __init__(self, *, index: Mapping[str, Entry] | None, credentials: CachedCredentials | None,
                  responder: Responder, metrics: Metrics, clock: Clock, hosts: HostAllowList) -> None:
-        self._creds = credentials
         self._metrics = metrics
-        self._clock = clock
+        self.clock = clock
         self._hosts = hosts
         self._hosts_seen: set[bytes] = set()
         self._base = b"".join(f"{k}: {v}\r\n".encode() for k, v in responder.base_headers.items())
-        self._leaves: dict[bytes, _Leaf] = {}
-        self._tokens: dict[bytes, _Token] = {}
+        self._targets: dict[bytes, _Slot] = {}
         self._identity: dict[bytes, str] = {}  # identity paths -> their route
-        self._identity_keys: dict[bytes, IdTokenKey] = {}
+        self._heads: dict[bytes, _Slot] = {}
         #: Requests answered here (plain integer; the request metrics count them as well).
         self.served = 0
         if index is None or credentials is None:
             return  # node mode: every request is the full handler's
+        self.credentials = credentials
         for key, entry in index.items():
             target = key.encode()
             if entry.kind == "dynamic":
                 if entry.dynamic == "token":
-                    self._tokens[target] = _Token(route=entry.route)
+                    self._targets[target] = _Token(route=entry.route)
                 elif entry.dynamic == "identity" and credentials.service_account is not None:
                     self._identity[target] = entry.route
             elif entry.plain is not None:
-                self._leaves[target] = self._leaf(entry.route, entry.plain)
+                self._targets[target] = self._leaf(entry.route, entry.plain)
 
     @property
     def enabled(self) -> bool:
-        return bool(self._leaves)
+        return bool(self._targets)
 
     def _leaf(self, route: str, body: Body) -> _Leaf:
         head = (b"HTTP/1.1 200 OK\r\n" + self._base + f"Content-Type: {body.content_type}\r\nETag: {body.etag}\r\n"
                 f"Content-Length: {len(body.data)}\r\nDate: ".encode())
         return _Leaf(route=route, head=head, tail=b"\r\n\r\n" + body.data)
 
+    def dynamic_response(self, content_type: str, body: bytes) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\n" + self._base + f"Content-Type: {content_type}\r\nContent-Length: {len(body)}"
+                f"\r\nDate: {rfc822_formatted_time()}\r\n\r\n".encode() + body)
+
     def answer(self, data: bytes, started: float) -> bytes | None:
-        """The complete response to ``data`` (one request head, ending in its blank line), or None
-        when the full handler must answer it. Records the request as the full handler would."""
+        """The complete response to ``data`` (one read ending in a blank line), or None when the
+        full handler must answer it. Records the request as the full handler would."""
+        slot = self._heads.get(data)
+        if slot is None:
+            slot = self._judge(data)
+            if slot is None:
+                return None
+            if len(self._heads) < MAX_REMEMBERED_HEADS:
+                self._heads[data] = slot
+        out = slot.render(self)
+        if out is None:
+            return None
+        self._metrics.requests.record(slot.route, 200, time.perf_counter() - started)
+        self.served += 1
+        return out
+
+    def _judge(self, data: bytes) -> _Slot | None:
+        """What ``data`` asks for, when it is exactly one strictly well-formed GET head of a hot
+        target with plain headers; None for anything else."""
         if (len(data) > MAX_HEAD_BYTES or not data.startswith(b"GET /") or data.find(b"\r\n\r\n") != len(data) - 4
                 or _UNUSUAL.search(data) is not None):
             return None
@@ -137,23 +211,18 @@ class FastAnswers:
         if data.count(b"\n") != len(lines) + 1 or data.count(b"\r") != len(lines) + 1:
             return None  # a bare CR or LF somewhere: aiohttp's to judge
         request_line = lines[0]
-        if not request_line.endswith(b" HTTP/1.1"):
+        if not request_line.endswith(b" HTTP/1.1") or not self._headers_are_plain(lines):
             return None
         target = request_line[4:-9]
-        if not self._headers_are_plain(lines):
+        found = self._targets.get(target)
+        if found is not None:
+            return found
+        path, sep, audience = target.partition(_IDENTITY_QUERY)
+        route = self._identity.get(path) if sep else None
+        if route is None or _PLAIN_AUDIENCE.fullmatch(audience) is None:
             return None
-        leaf = self._leaves.get(target)
-        if leaf is not None:
-            out = self._render_leaf(leaf)
-            route = leaf.route
-        else:
-            found = self._render_dynamic(target)
-            if found is None:
-                return None
-            route, out = found
-        self._metrics.requests.record(route, 200, time.perf_counter() - started)
-        self.served += 1
-        return out
+        return _IdToken(route=route, key=IdTokenKey(audience=audience.decode("ascii"), format="standard",
+                                                    licenses=False))
 
     def _headers_are_plain(self, lines: list[bytes]) -> bool:
         """Exactly one allowed Host, exactly one ``Metadata-Flavor: Google``, an optional
@@ -191,56 +260,6 @@ class FastAnswers:
         if len(self._hosts_seen) < _MEMO_LIMIT:
             self._hosts_seen.add(value)
         return True
-
-    def _render_leaf(self, leaf: _Leaf) -> bytes:
-        second = int(time.time())
-        if leaf.second != second:
-            leaf.rendered = leaf.head + rfc822_formatted_time().encode() + leaf.tail
-            leaf.second = second
-        return leaf.rendered
-
-    def _render_dynamic(self, target: bytes) -> tuple[str, bytes] | None:
-        creds = self._creds
-        if creds is None:
-            return None
-        slot = self._tokens.get(target)
-        if slot is not None:
-            now_ts = self._clock.time()
-            token = creds.access.get_nowait(creds.default_scopes, now_ts)
-            if token is None:
-                return None
-            return slot.route, self._render_token(slot, token, now_ts)
-        path, sep, audience = target.partition(_IDENTITY_QUERY)
-        route = self._identity.get(path) if sep else None
-        if route is None or _PLAIN_AUDIENCE.fullmatch(audience) is None:
-            return None
-        key = self._identity_keys.get(audience)
-        if key is None:
-            key = IdTokenKey(audience=audience.decode("ascii"), format="standard", licenses=False)
-            if len(self._identity_keys) < _MEMO_LIMIT:
-                self._identity_keys[audience] = key
-        id_token = creds.identity.get_nowait(key, self._clock.time())
-        if id_token is None:
-            return None
-        return route, self._render_id_token(id_token)
-
-    def _render_token(self, slot: _Token, token: AccessToken, now_ts: float) -> bytes:
-        expires_in = token.expires_in_at(now_ts)
-        second = int(time.time())
-        if slot.token is not token or slot.expires_in != expires_in or slot.second != second:
-            # The same text MetadataHandler._token_body renders (SA-06).
-            body = (b'{"access_token":' + json.dumps(token.value).encode() + b',"expires_in":'
-                    + str(expires_in).encode() + b',"token_type":"Bearer"}')
-            slot.rendered = self._dynamic_response(JSON, body)
-            slot.token, slot.expires_in, slot.second = token, expires_in, second
-        return slot.rendered
-
-    def _render_id_token(self, token: IdentityToken) -> bytes:
-        return self._dynamic_response(TEXT, token.value.encode())
-
-    def _dynamic_response(self, content_type: str, body: bytes) -> bytes:
-        return (b"HTTP/1.1 200 OK\r\n" + self._base + f"Content-Type: {content_type}\r\nContent-Length: {len(body)}"
-                f"\r\nDate: {rfc822_formatted_time()}\r\n\r\n".encode() + body)
 
 
 class FastPathProtocol(asyncio.Protocol):

@@ -19,8 +19,9 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -46,6 +47,9 @@ class Pair:
     full: MetaemuServer
     fast_port: int
     full_port: int
+    #: Counters once both were serving: start-up itself may count a cache hit or a miss (whether
+    #: the first refresh finished before the readiness check looked), so deltas are compared.
+    counted_at_start: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = field(default_factory=dict)
 
     def tokens(self) -> list[tuple[bytes, bytes]]:
         """(fast server's, full server's) access token value, for each scope set both have cached."""
@@ -88,6 +92,7 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     for port in (result.fast_port, result.full_port):  # an ID token in both caches, for the fast path
         answer = converse(port, [get(f"{SA}default/identity?audience={CACHED_AUDIENCE}")])
         assert answer.startswith(b"HTTP/1.1 200 "), answer
+    result.counted_at_start = {"fast": counters(result.fast), "full": counters(result.full)}
     try:
         yield result
     finally:
@@ -249,3 +254,28 @@ def _served(pair: Pair) -> int:
     fast = pair.fast.components.fast
     assert fast is not None
     return fast.served
+
+
+COUNTED = ("metaemu_requests_total", "metaemu_token_cache_total", "metaemu_blocked_requests_total",
+           "metaemu_request_duration_seconds_count")
+
+
+def counters(server: MetaemuServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in server.metrics.registry.collect() for s in family.samples if s.name in COUNTED}
+
+
+def test_zz_both_servers_counted_the_same_requests(pair: Pair) -> None:
+    """After the same corpus, the request, cache and refusal counters agree: the fast path counts
+    exactly what the full handler counts (runs last in the module: ``zz``)."""
+    fast, full = (_delta(counters(s), pair.counted_at_start[n]) for s, n in ((pair.fast, "fast"), (pair.full, "full")))
+    assert fast == full
+    assert fast[("metaemu_requests_total", (("code", "200"), ("route", ROUTE_TOKEN)))] > 100
+    assert _served(pair) > 300  # and a good share of them were the fast path's
+
+
+ROUTE_TOKEN = "/computeMetadata/v1/instance/service-accounts/{account}/token"
+
+
+def _delta(now: dict[Any, float], before: dict[Any, float]) -> dict[Any, float]:
+    return {k: v - before.get(k, 0.0) for k, v in now.items() if v != before.get(k, 0.0)}

@@ -1,0 +1,3 @@
+module metaemu.dev/benchmarks/go_baseline
+
+go 1.26
