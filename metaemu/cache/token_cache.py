@@ -115,6 +115,11 @@ class TokenCache(Generic[K, T]):
             return None
         return entry.token if entry.token.remaining_s(self._clock.now()) >= self._floor else None
 
+    def servable(self, key: K, now_ts: float) -> bool:
+        """Whether ``get_nowait(key, now_ts)`` would return a token; counts nothing."""
+        entry = self._pinned.get(key) or self._entries.get(key)
+        return entry is not None and entry.token is not None and entry.token.expiry_ts - now_ts >= self._floor
+
     def get_nowait(self, key: K, now_ts: float) -> T | None:
         """The servable cached token for ``key`` (counted as a hit), or None; never fetches.
 

@@ -30,6 +30,7 @@ from metaemu.metrics import Metrics
 from metaemu.node_setup import create_interception_metrics, interception_reconciler
 from metaemu.pods.identity import IdentityKey, IdentityResolver, PodIdentity, Refusal, peer_ip_of
 from metaemu.pods.kube_client import KubeClient, KubeConnection
+from metaemu.pods.objects import normalize_ip
 from metaemu.pods.pod_metrics import create_pod_metrics
 from metaemu.pods.service_accounts import ServiceAccountCache
 from metaemu.pods.startup_taint import create_startup_taint_metrics, startup_taint_clearer
@@ -37,6 +38,7 @@ from metaemu.pods.stream import KubeHttp, KubeTransport
 from metaemu.pods.token_source import PodTokenSource
 from metaemu.pods.watch import PodIndex, PodWatcher
 from metaemu.server.context import RequestContext
+from metaemu.server.fast_path import ContextAnswers
 from metaemu.server.metadata_tree import Entry, build_tree, index_tree
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 MAX_PRINCIPALS = 4096
 #: Rendered trees kept (one per Google account email served).
 MAX_TREES = 1024
+#: Identified callers remembered for the fast path, by address (a node has at most a few hundred pods).
+MAX_CALLERS = 4096
 #: How often principals without a pod on the node are retired: within a minute, as annotation
 #: changes must take effect (issue #4).
 SWEEP_INTERVAL_S = 60.0
@@ -54,6 +58,17 @@ SWEEP_INTERVAL_S = 60.0
 class _Principal:
     credentials: CachedCredentials
     source: PodTokenSource
+
+
+@dataclass(slots=True, eq=False)
+class _Caller:
+    """A caller the full path identified, remembered for the fast path (issue #12) until its
+    address's pods change (the pod watch drops it) or what it was built from no longer holds."""
+
+    context: RequestContext
+    identity: PodIdentity
+    principal: _Principal
+    fast_answers: ContextAnswers | None = None
 
 
 class NodeAgent:
@@ -83,6 +98,10 @@ class NodeAgent:
         self._resolver = IdentityResolver(index=self.index, kube=self.kube, service_accounts=self._accounts,
                                           clock=clock, metrics=pod_metrics)
         self._principals: LRUCache[IdentityKey, _Principal] = _RetiringCache(maxsize=MAX_PRINCIPALS)
+        self._callers: LRUCache[str, _Caller] = LRUCache(maxsize=MAX_CALLERS)
+        self._pod_metrics = pod_metrics
+        # IP reuse stays safe: any change to an address's pods forgets its caller at once.
+        self.index.on_change = self._forget_caller
         self._trees: LRUCache[str, Mapping[str, Entry]] = LRUCache(maxsize=MAX_TREES)
         self.default_index: Mapping[str, Entry] = index_tree(build_tree(config))
         self._stop = asyncio.Event()
@@ -106,8 +125,33 @@ class NodeAgent:
         if isinstance(resolved, Refusal):
             return resolved
         principal = self._principal(resolved)
-        return RequestContext(index=self._tree(resolved.email(self._config.project_id)),
-                              credentials=principal.credentials, rate_key=resolved.pod_uid)
+        context = RequestContext(index=self._tree(resolved.email(self._config.project_id)),
+                                 credentials=principal.credentials, rate_key=resolved.pod_uid)
+        ip = normalize_ip(peer)
+        if ip is not None:  # no await since resolve() checked the address is still this pod's alone
+            self._callers[ip] = _Caller(context=context, identity=resolved, principal=principal)
+        return context
+
+    def fast_caller(self, ip: str) -> _Caller | None:
+        """The remembered caller at ``ip``, if its service account (as the full path would read it
+        now, from memory) and principal are still the ones it was built from; counts nothing."""
+        caller = self._callers.get(ip)
+        if caller is None:
+            return None
+        identity = caller.identity
+        account = self._accounts.peek(identity.namespace, identity.ksa_name)
+        if (account is None or account.uid != identity.ksa_uid or account.gsa_email != identity.gsa_email
+                or self._principals.get(identity.access_key(()).principal) is not caller.principal):
+            self._callers.pop(ip, None)  # the full path decides, and remembers again
+            return None
+        caller.principal.source.prefer(identity)  # as _principal() does on every request
+        return caller
+
+    def count_found(self) -> None:
+        self._pod_metrics.lookup("found")
+
+    def _forget_caller(self, ip: str) -> None:
+        self._callers.pop(ip, None)
 
     def _principal(self, identity: PodIdentity) -> _Principal:
         key = identity.access_key(()).principal

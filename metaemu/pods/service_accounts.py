@@ -92,6 +92,18 @@ class ServiceAccountCache:
         self._store(key, record)
         return record
 
+    def peek(self, namespace: str, name: str) -> ServiceAccountRecord | None:
+        """The record ``get`` would return from memory now (no API call), or None."""
+        key = (namespace, name)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = self._clock.monotonic()
+        if now - entry.fetched_at < self._ttl_s or now < entry.retry_at:
+            self._entries.move_to_end(key)
+            return entry.record
+        return None
+
     def _on_failure(self, key: _Key, exc: UpstreamError) -> ServiceAccountRecord:
         entry = self._entries.get(key)
         if exc.status == 404 or entry is None:

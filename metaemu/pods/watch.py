@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from metaemu.clock import Clock
@@ -69,6 +69,8 @@ class PodIndex:
         self._host_ips: dict[str, set[_UID]] = {}
         self._by_sa: dict[_SaKey, set[_UID]] = {}
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        #: Called with each address whose pods changed (added, changed, removed, relisted).
+        self.on_change: Callable[[str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._pods)
@@ -165,6 +167,8 @@ class PodIndex:
 
     def _notify(self, ips: Iterable[str]) -> None:
         for ip in ips:
+            if self.on_change is not None:
+                self.on_change(ip)
             for event in self._waiters.get(ip, ()):
                 event.set()
 

@@ -104,9 +104,9 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
                               hosts=hosts, limiter=limiter, max_concurrent=max_concurrent)
     fast = None
     if config.fast_path:
-        static = contexts.static
-        fast = FastAnswers(index=static.index if static else None, credentials=static.credentials if static else None,
-                           responder=handler.responder, metrics=metrics, clock=clock, hosts=hosts)
+        fast = FastAnswers(static=contexts.static, callers=contexts if isinstance(contexts, NodeAgent) else None,
+                           responder=handler.responder, metrics=metrics, clock=clock, hosts=hosts, limiter=limiter,
+                           at_capacity=handler.at_capacity)
     return Components(config=config, metrics=metrics, contexts=contexts, refresher=refresher, handler=handler,
                       fast=fast)
 

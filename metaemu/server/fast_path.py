@@ -34,9 +34,9 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 from aiohttp.helpers import rfc822_formatted_time
 
@@ -44,8 +44,11 @@ from metaemu.cache.credentials import CachedCredentials, IdTokenKey
 from metaemu.clock import Clock
 from metaemu.credentials.tokens import AccessToken, IdentityToken
 from metaemu.metrics import Metrics
+from metaemu.pods.objects import normalize_ip
+from metaemu.server.context import RequestContext
 from metaemu.server.deadline import HEADER_DEADLINE_S, HeaderDeadline
-from metaemu.server.metadata_tree import Body, Entry
+from metaemu.server.limits import RateLimiter
+from metaemu.server.metadata_tree import Body
 from metaemu.server.responses import JSON, TEXT, Responder
 from metaemu.server.rules import HostAllowList
 
@@ -79,7 +82,10 @@ class _Leaf:
     second: int = -1
     rendered: bytes = b""
 
-    def render(self, answers: FastAnswers) -> bytes:
+    def ready(self, now_ts: float) -> bool:
+        return True
+
+    def render(self, answers: FastAnswers, now_ts: float) -> bytes:
         second = int(time.time())
         if self.second != second:
             self.rendered = self.head + rfc822_formatted_time().encode() + self.tail
@@ -92,17 +98,18 @@ class _Token:
     """The default token's answer, rebuilt when the token, its whole seconds left or Date change."""
 
     route: str
+    credentials: CachedCredentials
     token: AccessToken | None = None
     expires_in: int = -1
     second: int = -1
     rendered: bytes = b""
 
-    def render(self, answers: FastAnswers) -> bytes | None:
-        creds = answers.credentials
-        now_ts = answers.clock.time()
-        token = creds.access.get_nowait(creds.default_scopes, now_ts)
-        if token is None:
-            return None
+    def ready(self, now_ts: float) -> bool:
+        return self.credentials.access.servable(self.credentials.default_scopes, now_ts)
+
+    def render(self, answers: FastAnswers, now_ts: float) -> bytes:
+        token = self.credentials.access.get_nowait(self.credentials.default_scopes, now_ts)
+        assert token is not None  # ready() said so, in this same loop iteration
         expires_in = token.expires_in_at(now_ts)
         second = int(time.time())
         if self.token is not token or self.expires_in != expires_in or self.second != second:
@@ -119,15 +126,18 @@ class _IdToken:
     """An ID token's answer for one audience, rebuilt when the token or Date change."""
 
     route: str
+    credentials: CachedCredentials
     key: IdTokenKey
     token: IdentityToken | None = None
     second: int = -1
     rendered: bytes = b""
 
-    def render(self, answers: FastAnswers) -> bytes | None:
-        token = answers.credentials.identity.get_nowait(self.key, answers.clock.time())
-        if token is None:
-            return None
+    def ready(self, now_ts: float) -> bool:
+        return self.credentials.identity.servable(self.key, now_ts)
+
+    def render(self, answers: FastAnswers, now_ts: float) -> bytes:
+        token = self.credentials.identity.get_nowait(self.key, now_ts)
+        assert token is not None  # ready() said so, in this same loop iteration
         second = int(time.time())
         if self.token is not token or self.second != second:
             self.rendered = answers.dynamic_response(TEXT, token.value.encode())
@@ -138,44 +148,101 @@ class _IdToken:
 _Slot = _Leaf | _Token | _IdToken
 
 
+@dataclass(frozen=True, slots=True)
+class _Want:
+    """What a judged head asks for: a path as sent, and for ``identity`` the audience."""
+
+    path: str
+    audience: str | None = None
+
+
+class ContextAnswers:
+    """The fast answers of one request context (sidecar's one; one per pod in node mode), built on
+    first use from the context's own tree and credentials."""
+
+    __slots__ = ("_answers", "_credentials", "_index", "_slots")
+
+    def __init__(self, answers: FastAnswers, context: RequestContext) -> None:
+        self._answers = answers
+        self._index = context.index
+        self._credentials = context.credentials
+        self._slots: dict[_Want, _Slot | None] = {}
+
+    def slot(self, want: _Want) -> _Slot | None:
+        try:
+            return self._slots[want]
+        except KeyError:
+            slot = self._build(want)
+            if len(self._slots) < _MEMO_LIMIT:
+                self._slots[want] = slot
+            return slot
+
+    def _build(self, want: _Want) -> _Slot | None:
+        entry = self._index.get(want.path)
+        if entry is None or not want.path.startswith("/computeMetadata/"):
+            return None  # unknown here; and outside /computeMetadata the rules differ (no flavor needed)
+        creds = self._credentials
+        if entry.kind == "dynamic":
+            if want.audience is None:
+                return _Token(route=entry.route, credentials=creds) if entry.dynamic == "token" else None
+            if entry.dynamic != "identity" or creds.service_account is None:
+                return None
+            return _IdToken(route=entry.route, credentials=creds,
+                            key=IdTokenKey(audience=want.audience, format="standard", licenses=False))
+        if want.audience is not None or entry.plain is None:
+            return None
+        return self._answers.leaf(entry.route, entry.plain)
+
+
+class CallerLookup(Protocol):
+    """Node mode's memo of identified callers (``NodeAgent``), as the fast path needs it."""
+
+    def fast_caller(self, ip: str) -> FastCaller | None:
+        """The caller at ``ip`` if the full path identified it and nothing it depends on has
+        changed since (its pod, its service account, its principal); no counting."""
+
+    def count_found(self) -> None:
+        """Count one lookup the way the full path counts an identified caller."""
+
+
+class FastCaller(Protocol):
+    context: RequestContext
+    fast_answers: ContextAnswers | None
+
+
 class FastAnswers:
     """Decides whether one complete request head is fast-path material and renders its answer.
 
     A head that passed every check is remembered (byte for byte, up to ``MAX_REMEMBERED_HEADS``)
     with what it asks for: real clients send the same bytes on every request, and the same bytes
     are always judged the same (the checks depend on nothing else), so a repeat costs one lookup.
+
+    Sidecar mode answers for its one context. Node mode asks ``callers`` who the connection's peer
+    is (the full path's memo, dropped by the pod watch), keeps the per-pod rate limit and the
+    concurrency cap, and hands over whatever the memo does not know.
     """
 
-    def __init__(self, *, index: Mapping[str, Entry] | None, credentials: CachedCredentials | None,
-                 responder: Responder, metrics: Metrics, clock: Clock, hosts: HostAllowList) -> None:
+    def __init__(self, *, static: RequestContext | None, callers: CallerLookup | None, responder: Responder,
+                 metrics: Metrics, clock: Clock, hosts: HostAllowList, limiter: RateLimiter | None = None,
+                 at_capacity: Callable[[], bool] | None = None) -> None:
         self._metrics = metrics
-        self.clock = clock
+        self._clock = clock
         self._hosts = hosts
+        self._callers = callers
+        self._limiter = limiter
+        self._at_capacity = at_capacity
         self._hosts_seen: set[bytes] = set()
         self._base = b"".join(f"{k}: {v}\r\n".encode() for k, v in responder.base_headers.items())
-        self._targets: dict[bytes, _Slot] = {}
-        self._identity: dict[bytes, str] = {}  # identity paths -> their route
-        self._heads: dict[bytes, _Slot] = {}
+        self._heads: dict[bytes, _Want] = {}
+        self._static = ContextAnswers(self, static) if static is not None else None
         #: Requests answered here (plain integer; the request metrics count them as well).
         self.served = 0
-        if index is None or credentials is None:
-            return  # node mode: every request is the full handler's
-        self.credentials = credentials
-        for key, entry in index.items():
-            target = key.encode()
-            if entry.kind == "dynamic":
-                if entry.dynamic == "token":
-                    self._targets[target] = _Token(route=entry.route)
-                elif entry.dynamic == "identity" and credentials.service_account is not None:
-                    self._identity[target] = entry.route
-            elif entry.plain is not None:
-                self._targets[target] = self._leaf(entry.route, entry.plain)
 
     @property
     def enabled(self) -> bool:
-        return bool(self._targets)
+        return self._static is not None or self._callers is not None
 
-    def _leaf(self, route: str, body: Body) -> _Leaf:
+    def leaf(self, route: str, body: Body) -> _Leaf:
         head = (b"HTTP/1.1 200 OK\r\n" + self._base + f"Content-Type: {body.content_type}\r\nETag: {body.etag}\r\n"
                 f"Content-Length: {len(body.data)}\r\nDate: ".encode())
         return _Leaf(route=route, head=head, tail=b"\r\n\r\n" + body.data)
@@ -184,26 +251,46 @@ class FastAnswers:
         return (b"HTTP/1.1 200 OK\r\n" + self._base + f"Content-Type: {content_type}\r\nContent-Length: {len(body)}"
                 f"\r\nDate: {rfc822_formatted_time()}\r\n\r\n".encode() + body)
 
-    def answer(self, data: bytes, started: float) -> bytes | None:
-        """The complete response to ``data`` (one read ending in a blank line), or None when the
-        full handler must answer it. Records the request as the full handler would."""
-        slot = self._heads.get(data)
-        if slot is None:
-            slot = self._judge(data)
-            if slot is None:
+    def answer(self, data: bytes, started: float, peer: str | None) -> bytes | None:
+        """The complete response to ``data`` (one read ending in a blank line) from ``peer`` (the
+        connection's normalised peer address), or None when the full handler must answer it.
+        Nothing is counted or taken unless it answers; then it counts what the full path would."""
+        want = self._heads.get(data)
+        if want is None:
+            want = self._judge(data)
+            if want is None:
                 return None
             if len(self._heads) < MAX_REMEMBERED_HEADS:
-                self._heads[data] = slot
-        out = slot.render(self)
-        if out is None:
+                self._heads[data] = want
+        caller = None
+        answers = self._static
+        if answers is None:
+            if self._callers is None or peer is None or (self._at_capacity is not None and self._at_capacity()):
+                return None
+            caller = self._callers.fast_caller(peer)
+            if caller is None:
+                return None
+            answers = caller.fast_answers
+            if answers is None:
+                answers = caller.fast_answers = ContextAnswers(self, caller.context)
+        slot = answers.slot(want)
+        now_ts = self._clock.time()
+        if slot is None or not slot.ready(now_ts):
             return None
+        if caller is not None:
+            rate_key = caller.context.rate_key
+            if self._limiter is not None and rate_key is not None and not self._limiter.take(rate_key):
+                return None  # the full path answers 429 (and decides as if asked alone: RateLimiter.take)
+            assert self._callers is not None
+            self._callers.count_found()
+        out = slot.render(self, now_ts)
         self._metrics.requests.record(slot.route, 200, time.perf_counter() - started)
         self.served += 1
         return out
 
-    def _judge(self, data: bytes) -> _Slot | None:
-        """What ``data`` asks for, when it is exactly one strictly well-formed GET head of a hot
-        target with plain headers; None for anything else."""
+    def _judge(self, data: bytes) -> _Want | None:
+        """What ``data`` asks for, when it is exactly one strictly well-formed GET head with plain
+        headers and a target without a query (or ``identity``'s one plain audience); else None."""
         if (len(data) > MAX_HEAD_BYTES or not data.startswith(b"GET /") or data.find(b"\r\n\r\n") != len(data) - 4
                 or _UNUSUAL.search(data) is not None):
             return None
@@ -214,15 +301,12 @@ class FastAnswers:
         if not request_line.endswith(b" HTTP/1.1") or not self._headers_are_plain(lines):
             return None
         target = request_line[4:-9]
-        found = self._targets.get(target)
-        if found is not None:
-            return found
         path, sep, audience = target.partition(_IDENTITY_QUERY)
-        route = self._identity.get(path) if sep else None
-        if route is None or _PLAIN_AUDIENCE.fullmatch(audience) is None:
+        if not sep:
+            return None if b"?" in target or b"#" in target else _Want(path=target.decode("ascii"))
+        if b"?" in path or not path.endswith(b"/identity") or _PLAIN_AUDIENCE.fullmatch(audience) is None:
             return None
-        return _IdToken(route=route, key=IdTokenKey(audience=audience.decode("ascii"), format="standard",
-                                                    licenses=False))
+        return _Want(path=path.decode("ascii"), audience=audience.decode("ascii"))
 
     def _headers_are_plain(self, lines: list[bytes]) -> bool:
         """Exactly one allowed Host, exactly one ``Metadata-Flavor: Google``, an optional
@@ -266,7 +350,7 @@ class FastPathProtocol(asyncio.Protocol):
     """One connection of the metadata listener while the fast path answers it."""
 
     __slots__ = ("_answers", "_full", "_header_timer", "_idle_s", "_idle_timer", "_idle_until", "_loop", "_open",
-                 "_opened_at", "_paused", "_transport")
+                 "_opened_at", "_paused", "_peer", "_transport")
 
     def __init__(self, *, answers: FastAnswers, full: Callable[[], asyncio.Protocol],
                  open_connections: set[FastPathProtocol], idle_timeout_s: float) -> None:
@@ -281,10 +365,14 @@ class FastPathProtocol(asyncio.Protocol):
         self._idle_until = 0.0
         self._idle_s = idle_timeout_s
         self._paused = False
+        self._peer: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; both have the same methods.
         self._transport = cast(asyncio.Transport, transport)
+        # SECURITY: the kernel's peer address, once per connection (node mode's only identity input).
+        peer = transport.get_extra_info("peername")
+        self._peer = normalize_ip(peer[0]) if isinstance(peer, tuple) and peer and isinstance(peer[0], str) else None
         self._open.add(self)
         self._opened_at = self._loop.time()
         # SEC-24: the first request's head must arrive within the deadline, as on the full path.
@@ -294,7 +382,7 @@ class FastPathProtocol(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         if not self._paused and data.endswith(b"\r\n\r\n"):
-            out = self._answers.answer(data, time.perf_counter())
+            out = self._answers.answer(data, time.perf_counter(), self._peer)
             if out is not None:
                 if self._header_timer is not None:
                     self._header_timer.cancel()

@@ -80,12 +80,16 @@ class MetadataHandler:
         self._scope_keys: dict[str, ScopeKey] = {}
         self._last_body: tuple[AccessToken, int, bytes] | None = None
 
+    def at_capacity(self) -> bool:
+        """Whether a request arriving now gets the concurrency cap's 503 (SEC-35)."""
+        return self._max_concurrent is not None and self._in_flight >= self._max_concurrent
+
     async def __call__(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         fast = self._fast_path(request) if self._static_creds is not None else None
         if fast is not None:
             route, response = fast
-        elif self._max_concurrent is not None and self._in_flight >= self._max_concurrent:
+        elif self.at_capacity():
             route = "(over capacity)"  # SEC-35: refuse predictably rather than queue without bound
             response = self._r.text(503, "The metadata server is busy; retry shortly.\n", extra={"Retry-After": "1"})
         else:

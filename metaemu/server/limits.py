@@ -30,6 +30,11 @@ class RateLimiter:
         self._clock = clock
         self._buckets: LRUCache[str, _Bucket] = LRUCache(maxsize=MAX_BUCKETS)
 
+    def take(self, key: str) -> bool:
+        """Take one token for ``key`` if there is one. A False here followed by ``allow`` at the
+        same or a later time decides exactly as ``allow`` alone would (refilling is linear)."""
+        return self.allow(key) is None
+
     def allow(self, key: str) -> int | None:
         """None when ``key`` may proceed (one token taken); else whole seconds until it may."""
         now = self._clock.monotonic()

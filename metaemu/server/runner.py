@@ -60,6 +60,8 @@ class MetaemuServer:
         self._runners: list[web.AppRunner] = []
         self._listeners: list[asyncio.Server] = []
         self._fast_connections: set[FastPathProtocol] = set()
+        self._metadata_connection: Callable[[], asyncio.Protocol] | None = None
+        self._full_metadata_connection: Callable[[], asyncio.Protocol] | None = None
         self.metadata_address: HostPort = config.listen
         self.admin_address: HostPort = config.admin_listen
 
@@ -113,6 +115,12 @@ class MetaemuServer:
         else:
             def connection_factory() -> asyncio.Protocol:
                 return HeaderDeadline(handler_factory())
+        if protocol is not None:
+            self._metadata_connection = connection_factory
+
+            def full_connection() -> asyncio.Protocol:
+                return HeaderDeadline(handler_factory())
+            self._full_metadata_connection = full_connection
         try:
             # Not TCPSite: each connection's protocol is wrapped in a read-header deadline (SEC-24).
             listener = await loop.create_server(connection_factory, address.host, address.port, reuse_address=True)
@@ -121,6 +129,15 @@ class MetaemuServer:
             raise StartupError(f"{key}: cannot listen on {address}: {exc.strerror or exc}") from exc
         self._listeners.append(listener)
         return HostPort(host=address.host, port=int(listener.sockets[0].getsockname()[1]))
+
+    def metadata_connection(self, *, fast_path: bool = True) -> asyncio.Protocol:
+        """A new protocol for one metadata connection, as the listener makes for each one it
+        accepts; with ``fast_path=False``, the full path's alone (the differential tests drive both
+        over the same components). Only after ``start``."""
+        factory = self._metadata_connection if fast_path else self._full_metadata_connection
+        if factory is None:
+            raise RuntimeError("the metadata listener is not started")
+        return factory()
 
     async def stop(self) -> None:
         self.components.handler.shutdown.set()

@@ -213,3 +213,78 @@ async def started_agent(cluster: KubeCluster, tmp_path: Path, *, taints: list[di
         yield agent
     finally:
         await server.stop()
+
+
+class WireTransport(asyncio.Transport):
+    """A connection as the agent's listener would accept it from ``peer``, without a socket: the
+    bytes a protocol writes are kept, and ``closed`` is set when it closes the connection. The
+    peer address is the only thing it reports, exactly where the kernel's would be."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__()
+        self.peer = peer
+        self.out = bytearray()
+        self.closed = asyncio.Event()
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return (self.peer, 40000) if name == "peername" else default
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+
+    def is_closing(self) -> bool:
+        return self.closed.is_set()
+
+    def close(self) -> None:
+        if not self.closed.is_set():
+            self.closed.set()
+            protocol = self.protocol
+            if protocol is not None:
+                asyncio.get_running_loop().call_soon(protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_reading(self) -> bool:
+        return not self.closed.is_set()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def exchange(agent: Agent, peer: str, data: bytes, *, fast_path: bool = True) -> bytes:
+    """``data`` sent on a new connection from ``peer``, then the client's EOF; everything the agent
+    wrote until it closed the connection (virtual time advanced while it waits on its own timers)."""
+    transport = WireTransport(peer)
+    protocol = agent.server.metadata_connection(fast_path=fast_path)
+    transport.protocol = protocol
+    protocol.connection_made(transport)
+    current = transport.get_protocol()  # the fast path may have handed the connection over
+    assert isinstance(current, asyncio.Protocol)
+    current.data_received(data)
+    current = transport.get_protocol()
+    assert isinstance(current, asyncio.Protocol)
+    if not current.eof_received():
+        transport.close()
+    await agent.drive(transport.closed.wait())
+    return bytes(transport.out)
