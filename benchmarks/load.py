@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -95,17 +95,33 @@ def run_load(url: str, *, tool: Tool, headers: Mapping[str, str], connections: i
 def _run_wrk(wrk: str, url: str, *, headers: Mapping[str, str], connections: int, duration_s: int,
              cpu: int | None) -> LoadResult:
     with tempfile.TemporaryDirectory(prefix="metaemu-wrk-") as tmp:
-        script = Path(tmp) / "report.lua"
-        script.write_text(_WRK_SCRIPT)
-        cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration_s}s", f"--timeout={REQUEST_TIMEOUT_S}s",
-               "-s", str(script)]
-        for name, value in headers.items():
-            cmd += ["-H", f"{name}: {value}"]
-        proc = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=duration_s + RUN_SLACK_S,
-                              check=False, preexec_fn=lambda: pin_to_cpu(cpu))
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+        proc = start_wrk(wrk, url, headers=headers, connections=connections, duration_s=duration_s, cpu=cpu,
+                         workdir=Path(tmp))
+        return wrk_result(proc, duration_s=duration_s)
+
+
+def start_wrk(wrk: str, url: str, *, headers: Mapping[str, str], connections: int, duration_s: int,
+              cpu: int | None, workdir: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[str]:
+    """wrk on its way, pinned to ``cpu``, run under ``prefix`` (``ip netns exec NS``: from a pod)."""
+    script = workdir / "report.lua"
+    script.write_text(_WRK_SCRIPT)
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration_s}s", f"--timeout={REQUEST_TIMEOUT_S}s", "-s", str(script)]
+    for name, value in headers.items():
+        cmd += ["-H", f"{name}: {value}"]
+    return subprocess.Popen([*prefix, *cmd, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: pin_to_cpu(cpu))
+
+
+def wrk_result(proc: subprocess.Popen[str], *, duration_s: int) -> LoadResult:
+    """The result of a ``start_wrk`` run (waits for it, bounded)."""
+    try:
+        stdout, stderr = proc.communicate(timeout=duration_s + RUN_SLACK_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {stderr.strip() or stdout.strip()}")
     data = json.loads(line.removeprefix("BENCH_JSON "))
     return LoadResult(tool="wrk", requests=int(data["requests"]), duration_s=data["duration_us"] / 1e6,
                       errors=int(data["socket_errors"]) + int(data["non_2xx"]),

@@ -252,3 +252,28 @@ def http_get(port: int, path: str, *, headers: Mapping[str, str],
         return resp.status, dict(resp.getheaders()), resp.read()
     finally:
         conn.close()
+
+
+def metaemu_sidecar_on(host: str, port: int) -> None:
+    """A sidecar-mode metaemu on ``host:port`` (the in-process Google stand-in), on the loop
+    ``metaemu serve`` uses; prints READY once its token is cached, stops on SIGTERM. For
+    benchmarks/node_load.py, which starts it inside the simulated node's namespace."""
+    from metaemu import eventloop
+
+    async def main() -> None:
+        from metaemu.config import parse_config
+        from metaemu.server.runner import MetaemuServer
+        from metaemu.testing.world import build_world
+
+        with tempfile.TemporaryDirectory(prefix="metaemu-bench-") as tmp:
+            world = build_world(Path(tmp))
+            raw = world.config(sts_url="http://sts.googleapis.test/v1/token", iam_url="http://iamcredentials.test/v1",
+                               listen=f"{host}:{port}", admin_listen="127.0.0.1:0")
+            config = parse_config(raw, hostname="bench", base_dir=Path(tmp))
+            async with MetaemuServer(config, http=world.google.client()) as server:
+                creds = server.components.credentials
+                await creds.access.get(creds.default_scopes, wait_s=START_TIMEOUT_S)
+                print("READY", flush=True)
+                await _until_sigterm()
+
+    eventloop.run(main())

@@ -41,6 +41,8 @@ class CachedCredentials:
                  rng: random.Random | None = None) -> None:
         self._pipeline = pipeline
         self.default_scopes: ScopeKey = scope_key(pipeline.identity.default_scopes)
+        #: Set by ``retire``: node mode dropped this principal (its remembered callers are stale).
+        self.retired = False
         common = {"clock": clock, "metrics": metrics, "on_schedule_change": refresher.wake, "rng": rng}
         self.federated: TokenCache[None, FederatedToken] = TokenCache(
             kind="federated", fetch=self._fetch_federated, maxsize=1, **common)  # type: ignore[arg-type]
@@ -55,6 +57,7 @@ class CachedCredentials:
 
     def retire(self) -> None:
         """Stop keeping this identity's tokens warm (node mode: its last pod left the node)."""
+        self.retired = True
         for cache in (self.access, self.identity):
             self._refresher.remove(cache)
 

@@ -68,7 +68,9 @@ class _Caller:
     context: RequestContext
     identity: PodIdentity
     principal: _Principal
+    principal_key: IdentityKey
     fast_answers: ContextAnswers | None = None
+    touched: int = -1  # the second the principal's LRU place was last refreshed
 
 
 class NodeAgent:
@@ -98,7 +100,8 @@ class NodeAgent:
         self._resolver = IdentityResolver(index=self.index, kube=self.kube, service_accounts=self._accounts,
                                           clock=clock, metrics=pod_metrics)
         self._principals: LRUCache[IdentityKey, _Principal] = _RetiringCache(maxsize=MAX_PRINCIPALS)
-        self._callers: LRUCache[str, _Caller] = LRUCache(maxsize=MAX_CALLERS)
+        # A plain dict (oldest dropped past MAX_CALLERS): looked up on every fast request.
+        self._callers: dict[str, _Caller] = {}
         self._pod_metrics = pod_metrics
         # IP reuse stays safe: any change to an address's pods forgets its caller at once.
         self.index.on_change = self._forget_caller
@@ -129,7 +132,10 @@ class NodeAgent:
                                  credentials=principal.credentials, rate_key=resolved.pod_uid)
         ip = normalize_ip(peer)
         if ip is not None:  # no await since resolve() checked the address is still this pod's alone
-            self._callers[ip] = _Caller(context=context, identity=resolved, principal=principal)
+            if len(self._callers) >= MAX_CALLERS and ip not in self._callers:
+                del self._callers[next(iter(self._callers))]
+            self._callers[ip] = _Caller(context=context, identity=resolved, principal=principal,
+                                        principal_key=resolved.access_key(()).principal)
         return context
 
     def fast_caller(self, ip: str) -> _Caller | None:
@@ -141,9 +147,13 @@ class NodeAgent:
         identity = caller.identity
         account = self._accounts.peek(identity.namespace, identity.ksa_name)
         if (account is None or account.uid != identity.ksa_uid or account.gsa_email != identity.gsa_email
-                or self._principals.get(identity.access_key(()).principal) is not caller.principal):
-            self._callers.pop(ip, None)  # the full path decides, and remembers again
+                or caller.principal.credentials.retired):
+            del self._callers[ip]  # the full path decides, and remembers again
             return None
+        second = int(self._clock.monotonic())
+        if caller.touched != second:  # keep the principal's LRU place as the full path's use would
+            self._principals.get(caller.principal_key)
+            caller.touched = second
         caller.principal.source.prefer(identity)  # as _principal() does on every request
         return caller
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
+from metaemu import eventloop
 from metaemu.config import parse_config
 from metaemu.logs import setup_logging
 from metaemu.pods.agent import NodeAgent
@@ -42,7 +43,7 @@ from metaemu.testing.world import AUDIENCE, CLUSTER_ISSUER, PROJECT_ID, PROJECT_
 
 async def serve(*, listen: str, admin_listen: str, control_port: int, node_name: str, host_addresses: list[str],
                      intercept_pod_interfaces: list[str], kubeconfig: Path, cluster_jwks: dict[str, Any],
-                     audience: str) -> None:
+                     audience: str, limits: dict[str, float] | None = None) -> None:
     """metaemu in node mode against a real API server (see the module docstring)."""
     google = FakeGoogle()
     google.add_provider(WorkloadIdentityProvider(audience=audience, issuer=CLUSTER_ISSUER,
@@ -75,6 +76,7 @@ async def serve(*, listen: str, admin_listen: str, control_port: int, node_name:
     raw = _config(listen=listen, admin_listen=admin_listen, node_name=node_name, audience=audience,
                   kubeconfig=kubeconfig, host_addresses=host_addresses,
                   intercept_pod_interfaces=intercept_pod_interfaces)
+    raw["node"].update(limits or {})
     server = MetaemuServer(parse_config(raw, hostname=node_name, base_dir=kubeconfig.parent), http=google.client())
     try:
         await _run_until_stopped(server, lambda: synced_at.append(time.time()))
@@ -129,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kubeconfig", type=Path, required=True, help="the agent's kubeconfig for a real API server")
     p.add_argument("--cluster-jwks", type=Path, required=True, help="the cluster's /openid/v1/jwks")
     p.add_argument("--audience", default=AUDIENCE, help="the Workload Identity provider")
+    p.add_argument("--rate-limit-per-second", type=float, help="node.rate_limit_per_second (default: the product's)")
+    p.add_argument("--rate-limit-burst", type=int, help="node.rate_limit_burst (default: the product's)")
     args = p.parse_args(argv)
     setup_logging("info")
-    asyncio.run(serve(listen=args.listen, admin_listen=args.admin_listen, control_port=args.control_port,
-                      node_name=args.node, host_addresses=args.host_address,
-                      intercept_pod_interfaces=args.intercept_pod_interface, kubeconfig=args.kubeconfig,
-                      cluster_jwks=json.loads(args.cluster_jwks.read_text()), audience=args.audience))
+    limits = {k: v for k, v in (("rate_limit_per_second", args.rate_limit_per_second),
+                                ("rate_limit_burst", args.rate_limit_burst)) if v is not None}
+    eventloop.run(serve(listen=args.listen, admin_listen=args.admin_listen, control_port=args.control_port,
+                        node_name=args.node, host_addresses=args.host_address,
+                        intercept_pod_interfaces=args.intercept_pod_interface, kubeconfig=args.kubeconfig,
+                        cluster_jwks=json.loads(args.cluster_jwks.read_text()), audience=args.audience,
+                        limits=limits))
     return 0
 
 if __name__ == "__main__":
