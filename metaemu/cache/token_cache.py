@@ -115,10 +115,25 @@ class TokenCache(Generic[K, T]):
             return None
         return entry.token if entry.token.remaining_s(self._clock.now()) >= self._floor else None
 
-    def servable(self, key: K, now_ts: float) -> bool:
-        """Whether ``get_nowait(key, now_ts)`` would return a token; counts nothing."""
+    def servable(self, key: K, now_ts: float) -> object | None:
+        """What ``get_nowait(key, now_ts)`` would return, not yet counted: ``served()`` on it
+        counts it exactly as ``get_nowait`` would (for a caller that may still decline to serve
+        it, the fast path); None when it would return None. Counts nothing."""
         entry = self._pinned.get(key) or self._entries.get(key)
-        return entry is not None and entry.token is not None and entry.token.expiry_ts - now_ts >= self._floor
+        if entry is None or entry.token is None or entry.token.expiry_ts - now_ts < self._floor:
+            return None
+        return entry
+
+    def served(self, found: object) -> T:
+        """Count ``found`` (from ``servable`` in this same loop iteration) as served; its token."""
+        assert isinstance(found, _Entry)
+        token: T | None = found.token
+        assert token is not None
+        found.last_used = self._clock.monotonic()
+        self._metrics.token_cache.inc_key(self._hit_labels)
+        if found.last_error is not None:
+            self._metrics.stale_served.inc()
+        return token
 
     def get_nowait(self, key: K, now_ts: float) -> T | None:
         """The servable cached token for ``key`` (counted as a hit), or None; never fetches.

@@ -70,6 +70,10 @@ _OWS = b" \t"
 #: cannot grow them further, and real clients use a handful of each.
 _MEMO_LIMIT = 256
 MAX_REMEMBERED_HEADS = 256  # at most MAX_HEAD_BYTES each: 1 MiB
+#: Node mode remembers a few heads per identified pod (a pod's clients send one or two), of at
+#: most 1 KiB: 8 KiB per pod, whatever its containers send.
+MAX_HEADS_PER_POD = 8
+MAX_CONTEXT_HEAD_BYTES = 1024
 
 
 @dataclass(slots=True)
@@ -103,13 +107,14 @@ class _Token:
     expires_in: int = -1
     second: int = -1
     rendered: bytes = b""
+    found: object = None  # what ready() found, for render()
 
     def ready(self, now_ts: float) -> bool:
-        return self.credentials.access.servable(self.credentials.default_scopes, now_ts)
+        self.found = self.credentials.access.servable(self.credentials.default_scopes, now_ts)
+        return self.found is not None
 
     def render(self, answers: FastAnswers, now_ts: float) -> bytes:
-        token = self.credentials.access.get_nowait(self.credentials.default_scopes, now_ts)
-        assert token is not None  # ready() said so, in this same loop iteration
+        token = self.credentials.access.served(self.found)  # found by ready(), this loop iteration
         expires_in = token.expires_in_at(now_ts)
         second = int(time.time())
         if self.token is not token or self.expires_in != expires_in or self.second != second:
@@ -131,13 +136,14 @@ class _IdToken:
     token: IdentityToken | None = None
     second: int = -1
     rendered: bytes = b""
+    found: object = None  # what ready() found, for render()
 
     def ready(self, now_ts: float) -> bool:
-        return self.credentials.identity.servable(self.key, now_ts)
+        self.found = self.credentials.identity.servable(self.key, now_ts)
+        return self.found is not None
 
     def render(self, answers: FastAnswers, now_ts: float) -> bytes:
-        token = self.credentials.identity.get_nowait(self.key, now_ts)
-        assert token is not None  # ready() said so, in this same loop iteration
+        token = self.credentials.identity.served(self.found)  # found by ready(), this loop iteration
         second = int(time.time())
         if self.token is not token or self.second != second:
             self.rendered = answers.dynamic_response(TEXT, token.value.encode())
@@ -160,20 +166,23 @@ class ContextAnswers:
     """The fast answers of one request context (sidecar's one; one per pod in node mode), built on
     first use from the context's own tree and credentials."""
 
-    __slots__ = ("_answers", "_credentials", "_index", "_slots")
+    __slots__ = ("_answers", "_credentials", "_index", "_slots", "by_head", "max_heads")
 
-    def __init__(self, answers: FastAnswers, context: RequestContext) -> None:
+    def __init__(self, answers: FastAnswers, context: RequestContext, *, max_heads: int) -> None:
         self._answers = answers
         self._index = context.index
         self._credentials = context.credentials
         self._slots: dict[_Want, _Slot | None] = {}
+        #: Head bytes -> their answer here (judged heads only; bounded like the judged-head memo).
+        self.by_head: dict[bytes, _Slot] = {}
+        self.max_heads = max_heads
 
     def slot(self, want: _Want) -> _Slot | None:
         try:
             return self._slots[want]
         except KeyError:
             slot = self._build(want)
-            if len(self._slots) < _MEMO_LIMIT:
+            if len(self._slots) < self.max_heads * 4:  # answers kept: leaves, the token, some audiences
                 self._slots[want] = slot
             return slot
 
@@ -234,7 +243,7 @@ class FastAnswers:
         self._hosts_seen: set[bytes] = set()
         self._base = b"".join(f"{k}: {v}\r\n".encode() for k, v in responder.base_headers.items())
         self._heads: dict[bytes, _Want] = {}
-        self._static = ContextAnswers(self, static) if static is not None else None
+        self._static = ContextAnswers(self, static, max_heads=MAX_REMEMBERED_HEADS) if static is not None else None
         #: Requests answered here (plain integer; the request metrics count them as well).
         self.served = 0
 
@@ -255,16 +264,9 @@ class FastAnswers:
         """The complete response to ``data`` (one read ending in a blank line) from ``peer`` (the
         connection's normalised peer address), or None when the full handler must answer it.
         Nothing is counted or taken unless it answers; then it counts what the full path would."""
-        want = self._heads.get(data)
-        if want is None:
-            want = self._judge(data)
-            if want is None:
-                return None
-            if len(self._heads) < MAX_REMEMBERED_HEADS:
-                self._heads[data] = want
         caller = None
         answers = self._static
-        if answers is None:
+        if answers is None:  # node mode: the full path's memo of who is at this address
             if self._callers is None or peer is None or (self._at_capacity is not None and self._at_capacity()):
                 return None
             caller = self._callers.fast_caller(peer)
@@ -272,10 +274,26 @@ class FastAnswers:
                 return None
             answers = caller.fast_answers
             if answers is None:
-                answers = caller.fast_answers = ContextAnswers(self, caller.context)
-        slot = answers.slot(want)
+                answers = caller.fast_answers = ContextAnswers(self, caller.context, max_heads=MAX_HEADS_PER_POD)
+        slot = answers.by_head.get(data)  # a head this context answered before: straight to its answer
+        if slot is None:
+            want = self._heads.get(data)
+            if want is None:
+                want = self._judge(data)
+                if want is None:
+                    return None
+                if len(self._heads) < MAX_REMEMBERED_HEADS:
+                    self._heads[data] = want
+            slot = answers.slot(want)
+            if slot is None:
+                return None
+            if len(answers.by_head) < answers.max_heads and len(data) <= MAX_CONTEXT_HEAD_BYTES:
+                answers.by_head[data] = slot
+        return self._serve(slot, started, caller)
+
+    def _serve(self, slot: _Slot, started: float, caller: FastCaller | None) -> bytes | None:
         now_ts = self._clock.time()
-        if slot is None or not slot.ready(now_ts):
+        if not slot.ready(now_ts):
             return None
         if caller is not None:
             rate_key = caller.context.rate_key
