@@ -70,7 +70,8 @@ class _Caller:
     principal: _Principal
     principal_key: IdentityKey
     fast_answers: ContextAnswers | None = None
-    touched: int = -1  # the second the principal's LRU place was last refreshed
+    fresh_until: float = float("-inf")  # monotonic: when its service-account record is next due
+    checked: int = -1  # the second of the last full check
 
 
 class NodeAgent:
@@ -140,22 +141,33 @@ class NodeAgent:
 
     def fast_caller(self, ip: str) -> _Caller | None:
         """The remembered caller at ``ip``, if its service account (as the full path would read it
-        now, from memory) and principal are still the ones it was built from; counts nothing."""
+        now, from memory) and principal are still the ones it was built from; counts nothing.
+
+        Per request: the record's freshness as of the last check and the principal's retirement.
+        Once a second (and whenever the record's freshness ran out): the full check against the
+        service-account cache, which also keeps both LRU places as the full path's use would."""
         caller = self._callers.get(ip)
         if caller is None:
             return None
-        identity = caller.identity
-        account = self._accounts.peek(identity.namespace, identity.ksa_name)
-        if (account is None or account.uid != identity.ksa_uid or account.gsa_email != identity.gsa_email
-                or caller.principal.credentials.retired):
+        now = self._clock.monotonic()
+        if caller.principal.credentials.retired or (
+                (now >= caller.fresh_until or int(now) != caller.checked) and not self._recheck(caller, now)):
             del self._callers[ip]  # the full path decides, and remembers again
             return None
-        second = int(self._clock.monotonic())
-        if caller.touched != second:  # keep the principal's LRU place as the full path's use would
-            self._principals.get(caller.principal_key)
-            caller.touched = second
-        caller.principal.source.prefer(identity)  # as _principal() does on every request
+        caller.principal.source.prefer(caller.identity)  # as _principal() does on every request
         return caller
+
+    def _recheck(self, caller: _Caller, now: float) -> bool:
+        identity = caller.identity
+        found = self._accounts.peek(identity.namespace, identity.ksa_name)
+        if found is None:
+            return False
+        account, caller.fresh_until = found
+        if account.uid != identity.ksa_uid or account.gsa_email != identity.gsa_email:
+            return False
+        self._principals.get(caller.principal_key)
+        caller.checked = int(now)
+        return True
 
     def count_found(self) -> None:
         self._pod_metrics.lookup("found")

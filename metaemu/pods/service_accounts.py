@@ -92,16 +92,18 @@ class ServiceAccountCache:
         self._store(key, record)
         return record
 
-    def peek(self, namespace: str, name: str) -> ServiceAccountRecord | None:
-        """The record ``get`` would return from memory now (no API call), or None."""
+    def peek(self, namespace: str, name: str) -> tuple[ServiceAccountRecord, float] | None:
+        """The record ``get`` would return from memory now (no API call) and the monotonic time
+        until which it would keep returning it without asking the API (its TTL, or the retry
+        point after a failed refresh); None when ``get`` would ask now."""
         key = (namespace, name)
         entry = self._entries.get(key)
         if entry is None:
             return None
-        now = self._clock.monotonic()
-        if now - entry.fetched_at < self._ttl_s or now < entry.retry_at:
+        until = max(entry.fetched_at + self._ttl_s, entry.retry_at)
+        if self._clock.monotonic() < until:
             self._entries.move_to_end(key)
-            return entry.record
+            return entry.record, until
         return None
 
     def _on_failure(self, key: _Key, exc: UpstreamError) -> ServiceAccountRecord:

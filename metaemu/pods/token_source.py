@@ -44,6 +44,8 @@ class PodTokenSource:
 
     def prefer(self, identity: PodIdentity) -> None:
         """Bind the next token to ``identity``'s pod (the latest caller), if it is this account's."""
+        if identity.pod_uid == self._preferred_uid:
+            return  # already (the fast path's common case)
         if (identity.namespace, identity.ksa_name, identity.ksa_uid) == (
                 self._identity.namespace, self._identity.ksa_name, self._identity.ksa_uid):
             self._preferred_uid = identity.pod_uid

@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cachetools import LRUCache
-
 from metaemu.clock import Clock
 
 #: Buckets kept; more pods than this on one node is far beyond any kubelet's pod limit (110 default).
@@ -28,7 +26,8 @@ class RateLimiter:
         self._rate = rate_per_s
         self._burst = float(burst)
         self._clock = clock
-        self._buckets: LRUCache[str, _Bucket] = LRUCache(maxsize=MAX_BUCKETS)
+        # A plain dict kept in LRU order by hand (pop and re-insert): read on every request.
+        self._buckets: dict[str, _Bucket] = {}
 
     def take(self, key: str) -> bool:
         """Take one token for ``key`` if there is one. A False here followed by ``allow`` at the
@@ -38,9 +37,13 @@ class RateLimiter:
     def allow(self, key: str) -> int | None:
         """None when ``key`` may proceed (one token taken); else whole seconds until it may."""
         now = self._clock.monotonic()
-        bucket = self._buckets.get(key)
+        buckets = self._buckets
+        bucket = buckets.pop(key, None)
         if bucket is None:
-            bucket = self._buckets[key] = _Bucket(tokens=self._burst, at=now)
+            bucket = _Bucket(tokens=self._burst, at=now)
+            if len(buckets) >= MAX_BUCKETS:
+                del buckets[next(iter(buckets))]  # the least recently used
+        buckets[key] = bucket
         bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.at) * self._rate)
         bucket.at = now
         if bucket.tokens >= 1.0:
