@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 MAX_PRINCIPALS = 4096
 #: Rendered trees kept (one per Google account email served).
 MAX_TREES = 1024
+#: A served pod's service account is read again this long before its record is due (TTL 30 s).
+ACCOUNT_PREFETCH_S = 5.0
 #: Identified callers remembered for the fast path, by address (a node has at most a few hundred pods).
 MAX_CALLERS = 4096
 #: How often principals without a pod on the node are retired: within a minute, as annotation
@@ -106,6 +108,8 @@ class NodeAgent:
         self._pod_metrics = pod_metrics
         # IP reuse stays safe: any change to an address's pods forgets its caller at once.
         self.index.on_change = self._forget_caller
+        self._accounts.on_change = self._account_changed
+        self._account_reads: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._trees: LRUCache[str, Mapping[str, Entry]] = LRUCache(maxsize=MAX_TREES)
         self.default_index: Mapping[str, Entry] = index_tree(build_tree(config))
         self._stop = asyncio.Event()
@@ -154,8 +158,28 @@ class NodeAgent:
                 (now >= caller.fresh_until or int(now) != caller.checked) and not self._recheck(caller, now)):
             del self._callers[ip]  # the full path decides, and remembers again
             return None
+        if now >= caller.fresh_until - ACCOUNT_PREFETCH_S:
+            self._prefetch_account(caller)
         caller.principal.source.prefer(caller.identity)  # as _principal() does on every request
         return caller
+
+    def _prefetch_account(self, caller: _Caller) -> None:
+        """Re-read a served pod's service account shortly before its record is due, so the fast
+        path never has to hand its connections to the full path for the read (they would stay
+        there). A change it finds applies at once (``_account_changed``)."""
+        key = (caller.identity.namespace, caller.identity.ksa_name)
+        if key in self._account_reads or self._stop.is_set():
+            return
+        task = asyncio.create_task(self._accounts.refresh(*key), name="service_account_prefetch")
+        self._account_reads[key] = task
+        task.add_done_callback(lambda _: self._account_reads.pop(key, None))
+
+    def _account_changed(self, key: tuple[str, str]) -> None:
+        """A service account's record was replaced or dropped: its callers are checked again
+        on their next request (and dropped if it no longer matches)."""
+        for caller in self._callers.values():
+            if (caller.identity.namespace, caller.identity.ksa_name) == key:
+                caller.fresh_until = float("-inf")
 
     def _recheck(self, caller: _Caller, now: float) -> bool:
         identity = caller.identity
@@ -232,6 +256,10 @@ class NodeAgent:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            for read in list(self._account_reads.values()):
+                read.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await read
             await self._resolver.aclose()
             await self._accounts.aclose()
             await self._http.close()

@@ -15,8 +15,10 @@ Not owned here: what the record is used for (``identity``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from metaemu.clock import Clock
@@ -64,6 +66,8 @@ class ServiceAccountCache:
         self._max_entries = max_entries
         self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
         self._reads: SingleFlight[_Key, ServiceAccountRecord] = SingleFlight("service account read")
+        #: Called with (namespace, name) when a record is replaced by a different one or dropped.
+        self.on_change: Callable[[_Key], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -92,6 +96,19 @@ class ServiceAccountCache:
         self._store(key, record)
         return record
 
+    async def refresh(self, namespace: str, name: str) -> None:
+        """Read the record again now (single-flight with ``get``), as ``get`` does once it is due:
+        the fast path calls this shortly before, so pods it serves never wait on the read."""
+        key = (namespace, name)
+        try:
+            record = await self._reads.run(key, lambda: self._kube.get_service_account(
+                namespace, name, annotation=self._annotation, timeout_s=READ_TIMEOUT_S))
+        except UpstreamError as exc:
+            with contextlib.suppress(UpstreamError):
+                self._on_failure(key, exc)
+            return
+        self._store(key, record)
+
     def peek(self, namespace: str, name: str) -> tuple[ServiceAccountRecord, float] | None:
         """The record ``get`` would return from memory now (no API call) and the monotonic time
         until which it would keep returning it without asking the API (its TTL, or the retry
@@ -109,7 +126,8 @@ class ServiceAccountCache:
     def _on_failure(self, key: _Key, exc: UpstreamError) -> ServiceAccountRecord:
         entry = self._entries.get(key)
         if exc.status == 404 or entry is None:
-            self._entries.pop(key, None)
+            if self._entries.pop(key, None) is not None and self.on_change is not None:
+                self.on_change(key)
             raise exc
         entry.retry_at = self._clock.monotonic() + RETRY_S
         log.warning("cannot refresh service account %s/%s (%s); serving the last known record",
@@ -117,7 +135,10 @@ class ServiceAccountCache:
         return entry.record
 
     def _store(self, key: _Key, record: ServiceAccountRecord) -> None:
+        previous = self._entries.get(key)
         self._entries[key] = _Entry(record=record, fetched_at=self._clock.monotonic())
+        if self.on_change is not None and (previous is None or previous.record != record):
+            self.on_change(key)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)

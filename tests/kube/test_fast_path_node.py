@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from metaemu.pods.agent import NodeAgent
+from metaemu.pods.agent import ACCOUNT_PREFETCH_S, NodeAgent
 from metaemu.pods.service_accounts import TTL_S
 from tests.kube.agent import GSA_ANNOTATION, Agent, exchange, shipped_config, started_agent, unique
 from tests.kube.cluster import KubeCluster
@@ -187,3 +187,37 @@ async def test_the_per_pod_rate_limit_holds_on_the_fast_path(cluster: KubeCluste
         fast = agent.server.components.fast
         assert fast is not None and fast.served == 3  # the first was the full path's (and remembered)
         assert b"\r\nRetry-After: 1\r\n" in answers[-1]
+
+
+async def test_a_served_pods_account_is_read_again_before_it_is_due_and_a_change_applies(node: Node) -> None:
+    """The fast path re-reads a served pod's service account shortly before its record is due,
+    so its connections never wait on (or move to the full path for) that read; a change the read
+    finds applies from the next request."""
+    agent = node.agent
+    email = get(f"{SA}default/email")
+    await warm(agent, node.p1, [email])
+
+    def reads() -> int:
+        return sum(1 for c in agent.kube.requests if c.endpoint == "get" and "/serviceaccounts/sa1" in c.path)
+
+    before, served = reads(), node.served
+    await agent.advance(TTL_S - ACCOUNT_PREFETCH_S + 1)  # inside the prefetch window, not yet due
+    assert (await exchange(agent, node.p1, email)).endswith(GSA1.encode())
+    await agent.advance(0)  # the read it set off
+    assert reads() == before + 1
+    read_at = agent.clock.monotonic()
+    await agent.advance(ACCOUNT_PREFETCH_S)  # past the old record's due time: the new one is fresh
+    assert (await exchange(agent, node.p1, email)).endswith(GSA1.encode())
+    assert node.served == served + 2 and reads() == before + 1  # both answered fast, no read waited on
+    agent.google.add_service_account(GSA2)
+    agent.google.grant(GSA2, agent.google.principal_for(agent.audience,
+                                                         f"system:serviceaccount:{node.namespace}:sa1"))
+    agent.cluster.ok("PATCH", f"/api/v1/namespaces/{node.namespace}/serviceaccounts/sa1",
+                     {"metadata": {"annotations": {GSA_ANNOTATION: GSA2}}},
+                     content_type="application/merge-patch+json")
+    await agent.advance(read_at + TTL_S - ACCOUNT_PREFETCH_S + 1 - agent.clock.monotonic())  # the window again
+    assert (await exchange(agent, node.p1, email)).endswith(GSA1.encode())  # the read is set off
+    await agent.advance(0)
+    assert (await exchange(agent, node.p1, email)).endswith(GSA2.encode())  # the change, from the next request
+    await warm(agent, node.p1, [email])  # (the new principal's first exchanges finished)
+    assert (await assert_same(agent, node.p1, email)).endswith(GSA2.encode())
