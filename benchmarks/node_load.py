@@ -93,11 +93,7 @@ class Bench:
                 raise RuntimeError("the node agent did not become ready")
             yield agent
         finally:
-            agent.terminate()
-            try:
-                agent.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+            stop_process(agent)
 
 
 @contextlib.contextmanager
@@ -140,8 +136,7 @@ def sidecar(node: SimulatedNode, workdir: Path) -> Iterator[subprocess.Popen[str
             raise RuntimeError("the sidecar did not become ready")
         yield proc
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        stop_process(proc)
 
 
 def from_pods(bench: Bench, url: str, duration_s: int, workdir: Path, server_pid: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ Google service account, and the scopes or ID-token audience; never an IP or a po
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -124,7 +125,11 @@ def peer_ip_of(request: web.BaseRequest) -> str | None:
     connection is gone)."""
     # SECURITY: not ``request.remote``, which ``request.clone(remote=...)`` and forwarded-header
     # middlewares rewrite, and never a header (SEC-15; kiam ``--allow-ip-query``, NMI ``podns``).
-    transport = request.transport
+    return transport_peer_ip(request.transport)
+
+
+def transport_peer_ip(transport: asyncio.BaseTransport | None) -> str | None:
+    """The peer address of a connection's transport, as the kernel reported it (None: gone)."""
     peer = transport.get_extra_info("peername") if transport is not None else None
     if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
         return peer[0]

@@ -44,6 +44,7 @@ from metaemu.cache.credentials import CachedCredentials, IdTokenKey
 from metaemu.clock import Clock
 from metaemu.credentials.tokens import AccessToken, IdentityToken
 from metaemu.metrics import Metrics
+from metaemu.pods.identity import transport_peer_ip
 from metaemu.pods.objects import normalize_ip
 from metaemu.server.context import RequestContext
 from metaemu.server.deadline import HEADER_DEADLINE_S, HeaderDeadline
@@ -389,8 +390,8 @@ class FastPathProtocol(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses; both have the same methods.
         self._transport = cast(asyncio.Transport, transport)
         # SECURITY: the kernel's peer address, once per connection (node mode's only identity input).
-        peer = transport.get_extra_info("peername")
-        self._peer = normalize_ip(peer[0]) if isinstance(peer, tuple) and peer and isinstance(peer[0], str) else None
+        peer = transport_peer_ip(transport)
+        self._peer = normalize_ip(peer) if peer is not None else None
         self._open.add(self)
         self._opened_at = self._loop.time()
         # SEC-24: the first request's head must arrive within the deadline, as on the full path.

@@ -408,11 +408,11 @@ def _write_key(path: Path, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) 
     path.chmod(0o600)
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+def stop_process(proc: subprocess.Popen[Any] | None) -> None:
     _stop(proc)
 
 
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+def _stop(proc: subprocess.Popen[Any] | None) -> None:
     """SIGTERM the child (and its session), then SIGKILL if it has not exited within 15 s."""
     if proc is None or proc.poll() is not None:
         return

@@ -90,6 +90,15 @@ async def assert_same(agent: Agent, peer: str, data: bytes) -> bytes:
     return fast
 
 
+def annotate_sa1(node: Node, gsa: str) -> None:
+    """Point sa1 at ``gsa`` (which Google lets it impersonate), as an admin would."""
+    agent = node.agent
+    agent.google.add_service_account(gsa)
+    agent.google.grant(gsa, agent.google.principal_for(agent.audience, f"system:serviceaccount:{node.namespace}:sa1"))
+    agent.cluster.ok("PATCH", f"/api/v1/namespaces/{node.namespace}/serviceaccounts/sa1",
+                     {"metadata": {"annotations": {GSA_ANNOTATION: gsa}}}, content_type="application/merge-patch+json")
+
+
 def corpus(email: str) -> list[bytes]:
     paths = [f"{SA}default/token", f"{SA}default/email", f"{SA}default/", f"{SA}default/scopes",
              f"{SA}{email}/email", f"{SA}{email}/token", f"{SA}", "/computeMetadata/v1/project/project-id",
@@ -153,12 +162,7 @@ async def test_an_annotation_change_applies_when_the_full_path_would_see_it(node
     email = get(f"{SA}default/email")
     await warm(agent, node.p1, [email])
     assert (await exchange(agent, node.p1, email)).endswith(GSA1.encode())
-    agent.google.add_service_account(GSA2)
-    agent.google.grant(GSA2, agent.google.principal_for(agent.audience,
-                                                         f"system:serviceaccount:{node.namespace}:sa1"))
-    agent.cluster.ok("PATCH", f"/api/v1/namespaces/{node.namespace}/serviceaccounts/sa1",
-                     {"metadata": {"annotations": {GSA_ANNOTATION: GSA2}}},
-                     content_type="application/merge-patch+json")
+    annotate_sa1(node, GSA2)
     # Until the service-account record is due for a re-read, both paths serve the one they have ...
     assert (await assert_same(agent, node.p1, email)).endswith(GSA1.encode())
     await agent.advance(TTL_S)
@@ -209,12 +213,7 @@ async def test_a_served_pods_account_is_read_again_before_it_is_due_and_a_change
     await agent.advance(ACCOUNT_PREFETCH_S)  # past the old record's due time: the new one is fresh
     assert (await exchange(agent, node.p1, email)).endswith(GSA1.encode())
     assert node.served == served + 2 and reads() == before + 1  # both answered fast, no read waited on
-    agent.google.add_service_account(GSA2)
-    agent.google.grant(GSA2, agent.google.principal_for(agent.audience,
-                                                         f"system:serviceaccount:{node.namespace}:sa1"))
-    agent.cluster.ok("PATCH", f"/api/v1/namespaces/{node.namespace}/serviceaccounts/sa1",
-                     {"metadata": {"annotations": {GSA_ANNOTATION: GSA2}}},
-                     content_type="application/merge-patch+json")
+    annotate_sa1(node, GSA2)
     await agent.advance(read_at + TTL_S - ACCOUNT_PREFETCH_S + 1 - agent.clock.monotonic())  # the window again
     assert (await exchange(agent, node.p1, email)).endswith(GSA1.encode())  # the read is set off
     await agent.advance(0)
