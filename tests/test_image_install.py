@@ -6,6 +6,7 @@ read-only configuration. (The install itself is the session fixture ``image_inst
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is 
 
 def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
     lock = (ROOT / "requirements.lock").read_text()
-    for dep in ("aiohttp", "cachetools", "prometheus-client", "pyyaml", "pyjwt", "botocore", "google-auth"):
+    for dep in ("aiohttp", "cachetools", "prometheus-client", "pyyaml", "pyjwt", "botocore", "google-auth", "uvloop"):
         assert f"\n{dep}==" in f"\n{lock}", dep
     assert lock.count("--hash=sha256:") > 20
 
@@ -58,7 +59,9 @@ async def test_installed_wheel_serves_as_non_root_from_a_read_only_directory(
         str(image_install / "venv/bin/metaemu"), "serve", "--config", str(etc / "metaemu.yaml"),
         cwd=str(etc), env=env, stderr=asyncio.subprocess.PIPE)
     try:
-        port, _, _ = await serving_ports(proc)
+        port, _, lines = await serving_ports(proc)
+        serving = json.loads(lines[-1])
+        assert serving["event_loop"] == "uvloop"  # the image runs on uvloop (issue #12)
         async with aiohttp.ClientSession() as session:
             body = await _first_token(session, f"http://127.0.0.1:{port}", proc)
             assert body["token_type"] == "Bearer"
