@@ -13,12 +13,15 @@ cached, write back-pressure: any doubt at all — it hands the connection, with 
 the full aiohttp protocol for good (``transport.set_protocol``), which then sees exactly the
 connection it would have seen from the start.
 
-What the fast path may answer (sidecar mode; node mode hands every connection over):
+What the fast path may answer, under ``/computeMetadata/`` only:
 - ``token`` of the default account's path (``default`` or its email) with no query: the cached
   token for the default scopes;
 - ``identity?audience=A`` with A of URL-safe characters only, for an audience already cached;
 - every static leaf and directory listing, without a query (email, project id, numeric project id,
   aliases, scopes, zone, ...).
+In sidecar mode for its one context; in node mode for the caller the full path identified at the
+connection's peer address (``NodeAgent.fast_caller``: forgotten when the pod watch reports any
+change to that address), within the per-pod rate limit and the concurrency cap.
 
 It keeps what the full path guarantees: the read-header deadline (SEC-24) until the first request,
 aiohttp's keep-alive timeout after each answer, the request metrics and token-cache counts of the
