@@ -5,6 +5,13 @@
 whose subject token is a TokenRequest bound to a calling pod (SEC-25). Principals whose last pod
 left the node are retired by ``principal_sweeper`` so their tokens stop being refreshed; memory is
 bounded by LRU (SEC-39). It is the server's ``ContextProvider`` in node mode.
+
+Credentials before the first request (issue #11): when the pod watch indexes a pod of this node with
+its address, the agent starts its service account's exchange at once (``_prefetch``: single-flight
+with everything else, so the pod's first request is served from memory or joins the exchange in
+flight); a pod that goes first cancels what has not started. A service-account change arriving from
+the watch retires the principals it no longer matches at once, so their tokens are never served
+again.
 """
 
 from __future__ import annotations
@@ -25,14 +32,15 @@ from metaemu.config import Config, NodeConfig
 from metaemu.credentials.impersonation import IamCredentialsClient
 from metaemu.credentials.pipeline import Identity, Pipeline
 from metaemu.credentials.sts import StsClient
+from metaemu.errors import UpstreamError
 from metaemu.interception import InterceptionRule
 from metaemu.metrics import Metrics
 from metaemu.node_setup import create_interception_metrics, interception_reconciler
 from metaemu.pods.identity import IdentityKey, IdentityResolver, PodIdentity, Refusal, peer_ip_of
 from metaemu.pods.kube_client import KubeClient, KubeConnection
-from metaemu.pods.objects import normalize_ip
+from metaemu.pods.objects import PodRecord, normalize_ip
 from metaemu.pods.pod_metrics import create_pod_metrics
-from metaemu.pods.service_accounts import ServiceAccountCache
+from metaemu.pods.service_accounts import ServiceAccountCache, ServiceAccountWatcher
 from metaemu.pods.startup_taint import create_startup_taint_metrics, startup_taint_clearer
 from metaemu.pods.stream import KubeHttp, KubeTransport
 from metaemu.pods.token_source import PodTokenSource
@@ -100,6 +108,9 @@ class NodeAgent:
         self._watcher = PodWatcher(kube=self.kube, index=self.index, clock=clock, metrics=pod_metrics)
         self._accounts = ServiceAccountCache(kube=self.kube, clock=clock,
                                              annotation=self._node.service_account_annotation)
+        self._account_watcher = ServiceAccountWatcher(
+            kube=self.kube, cache=self._accounts, clock=clock, synced=pod_metrics.account_watch_synced,
+            restarts=pod_metrics.account_watch_restarts)
         self._resolver = IdentityResolver(index=self.index, kube=self.kube, service_accounts=self._accounts,
                                           clock=clock, metrics=pod_metrics)
         self._principals: LRUCache[IdentityKey, _Principal] = _RetiringCache(maxsize=MAX_PRINCIPALS)
@@ -108,14 +119,25 @@ class NodeAgent:
         self._pod_metrics = pod_metrics
         # IP reuse stays safe: any change to an address's pods forgets its caller at once.
         self.index.on_change = self._forget_caller
+        self.index.on_candidate = self._candidate_changed
         self._accounts.on_change = self._account_changed
         self._account_reads: dict[tuple[str, str], asyncio.Task[None]] = {}
+        #: Prefetches whose service-account read is still running, by pod UID (at most the node's pods).
+        self._prefetches: dict[str, asyncio.Task[None]] = {}
         self._trees: LRUCache[str, Mapping[str, Entry]] = LRUCache(maxsize=MAX_TREES)
         self.default_index: Mapping[str, Entry] = index_tree(build_tree(config))
         self._stop = asyncio.Event()
         self._rule = _interception_rule(config)
         self._rule_metrics = create_interception_metrics(metrics.registry) if self._rule else None
         self._taint_metrics = create_startup_taint_metrics(metrics.registry) if self._node.startup_taint else None
+
+    @property
+    def accounts(self) -> ServiceAccountCache:
+        return self._accounts
+
+    def principal_keys(self) -> list[IdentityKey]:
+        """The principals with live credentials now (oldest use first)."""
+        return list(self._principals)
 
     def ready(self) -> str | None:
         """SEC-37: the pod watch has synced and, when the agent keeps the rules, they are in place."""
@@ -176,10 +198,57 @@ class NodeAgent:
 
     def _account_changed(self, key: tuple[str, str]) -> None:
         """A service account's record was replaced or dropped: its callers are checked again
-        on their next request (and dropped if it no longer matches)."""
+        on their next request (and dropped if it no longer matches), and its principals that no
+        longer match are retired now, so no token of the old Google account is served again."""
         for caller in self._callers.values():
             if (caller.identity.namespace, caller.identity.ksa_name) == key:
                 caller.fresh_until = float("-inf")
+        found = self._accounts.peek(*key)
+        for principal_key in [k for k in self._principals if (k.namespace, k.ksa_name) == key]:
+            if found is None or (found[0].uid, found[0].gsa_email) != (principal_key.ksa_uid, principal_key.gsa_email):
+                self._principals.pop(principal_key, None)
+
+    def _candidate_changed(self, pod: PodRecord, present: bool) -> None:
+        """The pod watch indexed a candidate pod (start its credentials now) or dropped one."""
+        if not present:
+            task = self._prefetches.pop(pod.uid, None)
+            if task is not None:
+                task.cancel()
+                self._pod_metrics.prefetches.labels("cancelled").inc()
+            return
+        if pod.uid in self._prefetches or self._stop.is_set():
+            return
+        task = asyncio.create_task(self._prefetch(pod), name="credential_prefetch")
+        self._prefetches[pod.uid] = task
+        task.add_done_callback(lambda done: self._prefetch_done(pod.uid, done))
+
+    def _prefetch_done(self, uid: str, task: asyncio.Task[None]) -> None:
+        if self._prefetches.get(uid) is task:
+            del self._prefetches[uid]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("credential prefetch failed", exc_info=task.exception())
+
+    async def _prefetch(self, pod: PodRecord) -> None:
+        """Read the pod's service account and start (or join) its default token's exchange; the
+        exchange itself belongs to the token cache (it outlives this task and its pod)."""
+        try:
+            account = await self._accounts.get(pod.namespace, pod.service_account)
+        except UpstreamError:  # the pod's own request will say why (403 or 503)
+            self._pod_metrics.prefetches.labels("failed").inc()
+            return
+        current = self.index.pod(pod.uid)
+        if current is None or not current.is_candidate_on(self.index.node_name):
+            self._pod_metrics.prefetches.labels("cancelled").inc()
+            return
+        identity = PodIdentity(namespace=pod.namespace, pod_name=pod.name, pod_uid=pod.uid,
+                               ksa_name=pod.service_account, ksa_uid=account.uid, gsa_email=account.gsa_email)
+        credentials = self._principal(identity).credentials
+        self._tree(identity.email(self._config.project_id))
+        if credentials.access.peek(credentials.default_scopes) is not None:
+            self._pod_metrics.prefetches.labels("cached").inc()
+            return
+        credentials.access.refresh(credentials.default_scopes)
+        self._pod_metrics.prefetches.labels("started").inc()
 
     def _recheck(self, caller: _Caller, now: float) -> bool:
         identity = caller.identity
@@ -238,6 +307,7 @@ class NodeAgent:
         """cleanup_ctx entry: the pod watcher, the principal sweeper and, when configured, the
         interception reconciler and the startup-taint clearer, as named tasks."""
         tasks = [asyncio.create_task(self._watcher.pod_watcher(), name="pod_watcher"),
+                 asyncio.create_task(self._account_watcher.run(), name="service_account_watcher"),
                  asyncio.create_task(self.principal_sweeper(), name="principal_sweeper")]
         if self._rule is not None and self._rule_metrics is not None:
             tasks.append(asyncio.create_task(interception_reconciler(
@@ -252,11 +322,12 @@ class NodeAgent:
         finally:
             self._stop.set()
             self._watcher.stop()
+            self._account_watcher.stop()
             for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            for read in list(self._account_reads.values()):
+            for read in [*self._account_reads.values(), *self._prefetches.values()]:
                 read.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await read

@@ -7,12 +7,19 @@ never inputs (SEC-15). Outcomes, each counted once in ``metaemu_pod_lookup_total
     node's own address / hostNetwork pod        403  host_network   (SEC-14)
     exactly one candidate pod in the index      PodIdentity  found
     two or more candidates                      503  ambiguous      never a guess (SEC-11)
-    no candidate: bounded live API lookup (``status.podIP`` + ``spec.nodeName``), then a bounded
-    wait for the watch to index the pod:
+    no candidate: bounded live API lookup (``status.podIP`` + ``spec.nodeName``, one call shared
+    by concurrent callers from the address), then:
+        the API shows no candidate, the watch has synced and no pod of the node awaits its address
+                                                403  not_found      at once (SEC-08, issue #11)
+        else a bounded wait for the watch to index the pod:
         indexed in time                         PodIdentity  found  (SEC-09)
         the API shows a candidate not yet indexed, or the API cannot be asked
                                                 503  api_fallback   Retry-After (SEC-09, SEC-36)
         the API shows no candidate              403  not_found      (SEC-08, SEC-10)
+
+The wait that remains for an unknown address: while some pod of this node is starting and kubelet
+has not yet posted its address (its containers may already be calling, GKE's "a few seconds"), an
+unknown caller may be that pod, so it waits up to ``NEW_POD_WAIT_S`` for the watch to say so.
 
 Identity is only ever taken from the watch-fed index, never from the live lookup: the lookup only
 decides between "wait and retry" (503) and "unknown" (403). A pod whose service account no longer
@@ -182,6 +189,12 @@ class IdentityResolver:
         if any(p.host_network for p in live):
             return self._host_network()
         expected = any(p.is_candidate_on(self._index.node_name) for p in live)
+        if not expected and self._index.synced and not self._index.awaiting_addresses():
+            # The API has no pod at this address on this node, and no pod of the node is waiting
+            # for kubelet to post its address: nothing the watch could deliver would be this
+            # caller, so the refusal needs no wait (issue #11).
+            return self._refuse("not_found", status=403, reason="not_found",
+                                message="No pod on this node has the caller's address.")
         found = await self._index.wait_for_candidates(ip, timeout_s=self._new_pod_wait_s, clock=self._clock)
         if found:
             return await self._settle(ip, found)

@@ -3,11 +3,11 @@
 Owns where the API server is and how to authenticate (``KubeConnection``: in-cluster service-account
 token and CA, or a kubeconfig for tests), the bearer token re-read from its file (kubelet rotates it),
 and the calls node mode makes: list pods by field selector, watch pods from a resourceVersion,
-get a service account, create a TokenRequest (upstream.md §6), and read and JSON-patch this node's
-taints (the startup taint, SEC-02). Every failure is an
-``UpstreamError`` with ``service="k8s"`` that keeps the HTTP status and the decoded ``Status`` body;
-a watch that has fallen out of the history window surfaces as ``status == 410`` whether the server
-answered 410 or sent an ``ERROR`` event with code 410.
+get a service account, watch every service account (from the collection's resourceVersion),
+create a TokenRequest (upstream.md §6), and read and JSON-patch this node's taints (the startup
+taint, SEC-02). Every failure is an ``UpstreamError`` with ``service="k8s"`` that keeps the HTTP
+status and the decoded ``Status`` body; a watch that has fallen out of the history window surfaces
+as ``status == 410`` whether the server answered 410 or sent an ``ERROR`` event with code 410.
 
 Not owned here: what to do with the pods (``watch``), who is calling (``identity``).
 """
@@ -21,10 +21,10 @@ import contextlib
 import ipaddress
 import json
 import ssl
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 import yaml
@@ -57,6 +57,8 @@ MIN_EXPIRATION_S = 600
 MAX_EXPIRATION_S = 1 << 32
 #: Kubernetes object names are DNS labels or subdomains: at most 253 characters.
 _MAX_NAME_CHARS = 253
+
+_T = TypeVar("_T", PodRecord, ServiceAccountRecord)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -163,12 +165,12 @@ class PodList:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class WatchEvent:
-    """One watch event. ``pod`` is None for ``BOOKMARK`` (which only moves ``resource_version``)."""
+class WatchEvent(Generic[_T]):
+    """One watch event. ``item`` is None for ``BOOKMARK`` (which only moves ``resource_version``)."""
 
     type: str
     resource_version: str
-    pod: PodRecord | None
+    item: _T | None
 
 
 class KubeClient:
@@ -197,23 +199,53 @@ class KubeClient:
             raise self._malformed(url, "a PodList with items and metadata")
         return PodList(pods=tuple(_parsed_pods(items)), resource_version=str(meta.get("resourceVersion") or ""))
 
-    async def watch_pods(self, *, field_selector: str, resource_version: str,
-                         timeout_s: int) -> AsyncGenerator[WatchEvent, None]:
+    async def watch_pods(self, *, field_selector: str, resource_version: str, timeout_s: int,
+                         opened: Callable[[], None] | None = None) -> AsyncGenerator[WatchEvent[PodRecord], None]:
         """Events after ``resource_version`` until the server ends the watch (after ``timeout_s``).
 
-        Bookmarks are requested. Raises ``UpstreamError`` (``status == 410``: relist) on an error
-        answer, an ``ERROR`` event, a malformed line or a broken stream. Close it with ``aclose``.
+        Bookmarks are requested; ``opened`` is called once the server has accepted the watch. Raises
+        ``UpstreamError`` (``status == 410``: relist) on an error answer, an ``ERROR`` event, a
+        malformed line or a broken stream. Close it with ``aclose``.
         """
         url = self._url("/api/v1/pods", fieldSelector=field_selector, watch="1", resourceVersion=resource_version,
                         allowWatchBookmarks="true", timeoutSeconds=str(timeout_s))
+        async for event in self._watch(url, timeout_s=timeout_s, parse=parse_pod, kind="a pod", opened=opened):
+            yield event
+
+    async def service_accounts_version(self) -> str:
+        """The resourceVersion of the cluster's service-account collection now: a list of one item
+        (``limit=1``), so a watch can start from it without holding every service account."""
+        url = self._url("/api/v1/serviceaccounts", limit="1")
+        body = await self._call(HttpRequest(method="GET", url=url, headers=await self._headers(),
+                                            timeout_s=self._timeout_s))
+        meta = body.get("metadata")
+        version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        if not isinstance(version, str) or not version:
+            raise self._malformed(url, "a ServiceAccountList with metadata.resourceVersion")
+        return version
+
+    async def watch_service_accounts(self, *, annotation: str, resource_version: str, timeout_s: int,
+                                     opened: Callable[[], None] | None = None,
+                                     ) -> AsyncGenerator[WatchEvent[ServiceAccountRecord], None]:
+        """Service-account events of every namespace after ``resource_version``, as ``watch_pods``."""
+        url = self._url("/api/v1/serviceaccounts", watch="1", resourceVersion=resource_version,
+                        allowWatchBookmarks="true", timeoutSeconds=str(timeout_s))
+        async for event in self._watch(url, timeout_s=timeout_s, kind="a ServiceAccount", opened=opened,
+                                       parse=lambda obj: parse_service_account(obj, annotation=annotation)):
+            yield event
+
+    async def _watch(self, url: str, *, timeout_s: int, parse: Callable[[Any], _T], kind: str,
+                     opened: Callable[[], None] | None) -> AsyncGenerator[WatchEvent[_T], None]:
         request = HttpRequest(method="GET", url=url, headers=await self._headers(), timeout_s=float(timeout_s))
         try:
             async with self._stream.open(request) as stream:
                 if stream.status != 200:
                     body = await stream.read_body()
                     raise self._error(url, stream.status, _decoded(body))
+                if opened is not None:
+                    opened()
                 async for line in stream.lines:
-                    yield self._event(url, line)
+                    yield self._event(url, line, parse=parse, kind=kind)
         except TransportFailure as exc:
             self._metrics.upstream_errors.labels(SERVICE, "0").inc()
             raise UpstreamError(service=SERVICE, url=url, status=0, body=exc.detail, retryable=True,
@@ -287,23 +319,23 @@ class KubeClient:
                 self._token.invalidate()
             raise
 
-    def _event(self, url: str, line: bytes) -> WatchEvent:
+    def _event(self, url: str, line: bytes, *, parse: Callable[[Any], _T], kind: str) -> WatchEvent[_T]:
         event = _decoded(line)
-        kind = event.get("type") if isinstance(event, dict) else None
+        type_ = event.get("type") if isinstance(event, dict) else None
         obj = event.get("object") if isinstance(event, dict) else None
-        if not isinstance(kind, str) or not isinstance(obj, dict):
+        if not isinstance(type_, str) or not isinstance(obj, dict):
             raise self._malformed(url, "a watch event")
-        if kind == "ERROR":  # a Status object; code 410 means "resourceVersion too old"
+        if type_ == "ERROR":  # a Status object; code 410 means "resourceVersion too old"
             code = obj.get("code")
             raise self._error(url, code if isinstance(code, int) else 500, obj)
         meta = obj.get("metadata")
         rv = str(meta.get("resourceVersion") or "") if isinstance(meta, dict) else ""
-        if kind == "BOOKMARK":
-            return WatchEvent(type=kind, resource_version=rv, pod=None)
+        if type_ == "BOOKMARK":
+            return WatchEvent(type=type_, resource_version=rv, item=None)
         try:
-            return WatchEvent(type=kind, resource_version=rv, pod=parse_pod(obj))
+            return WatchEvent(type=type_, resource_version=rv, item=parse(obj))
         except ValueError as exc:
-            raise self._malformed(url, f"a pod in a {kind} event ({exc})") from None
+            raise self._malformed(url, f"{kind} in a {type_} event ({exc})") from None
 
     def _error(self, url: str, status: int, body: Any) -> UpstreamError:
         self._metrics.upstream_errors.labels(SERVICE, str(status)).inc()

@@ -62,8 +62,16 @@ class PodRecord:
         On this node (SEC-13), not hostNetwork (its IPs are the node's, SEC-14), not terminal and
         not being deleted (SEC-12, SEC-10: a terminating pod's IP is about to be reused).
         """
+        return self.awaits_or_has_address_on(node_name) and bool(self.pod_ips)
+
+    def awaits_address_on(self, node_name: str) -> bool:
+        """A pod that will be a candidate once kubelet posts its address: its containers may
+        already be calling before the API shows the address (SEC-09)."""
+        return self.awaits_or_has_address_on(node_name) and not self.pod_ips
+
+    def awaits_or_has_address_on(self, node_name: str) -> bool:
         return (self.node_name == node_name and not self.host_network and self.phase not in TERMINAL_PHASES
-                and not self.deleting and bool(self.pod_ips))
+                and not self.deleting)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,6 +23,9 @@ class PodMetrics:
     lookups: LockFreeCounter
     watch_synced: Gauge
     watch_restarts: Counter
+    account_watch_synced: Gauge
+    account_watch_restarts: Counter
+    prefetches: Counter
 
     def lookup(self, result: LookupResult) -> None:
         self.lookups.inc(result)
@@ -40,4 +43,13 @@ def create_pod_metrics(registry: CollectorRegistry) -> PodMetrics:
                            registry=registry),
         watch_restarts=Counter("metaemu_pod_watch_restarts", "Pod watches restarted, by reason: expired "
                                "(410 Gone, relist) or error.", ["reason"], registry=registry),
+        account_watch_synced=Gauge("metaemu_service_account_watch_synced", "1 once the service-account watch "
+                                   "has started (annotation changes then apply as events).", registry=registry),
+        account_watch_restarts=Counter("metaemu_service_account_watch_restarts", "Service-account watches "
+                                       "restarted, by reason: expired (410 Gone, every record held read again) "
+                                       "or error.", ["reason"], registry=registry),
+        prefetches=Counter("metaemu_pod_prefetches", "Credential prefetches for pods the watch saw get an address, "
+                           "by result: started (an exchange began or was joined), cached (already servable), "
+                           "failed (the service account could not be read), cancelled (the pod went first).",
+                           ["result"], registry=registry),
     )

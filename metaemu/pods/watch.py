@@ -5,10 +5,11 @@ address": candidates per security.md recommendation 2 (``PodRecord.is_candidate_
 every entry of ``status.podIPs``. It also knows the node's own addresses (configured, loopback, and
 those of hostNetwork pods, SEC-14), and wakes requests waiting for a brand-new pod (SEC-09).
 
-``PodWatcher.pod_watcher`` is the long-running coroutine (one named task owned by the app): list
-``spec.nodeName=NODE`` → replace the index → watch from the list's resourceVersion with bookmarks →
-apply each event; relist on 410 Gone; back off on errors. During an API outage the index keeps its
-last state (SEC-36): known pods stay known, nothing is guessed for new addresses.
+``PodWatcher.pod_watcher`` is the long-running coroutine (one named task owned by the app, the
+loop is ``reflector.Reflector``): list ``spec.nodeName=NODE`` → replace the index → watch from the
+list's resourceVersion with bookmarks → apply each event; relist on 410 Gone; back off on errors.
+During an API outage the index keeps its last state (SEC-36): known pods stay known, nothing is
+guessed for new addresses.
 
 ``synced`` (and ``metaemu_pod_watch_synced``) turns true once a full list has completed and stays
 true through reconnects and relists, during which the last state keeps serving: it is what
@@ -25,30 +26,20 @@ Not owned here: turning a candidate into an identity (``identity``); service acc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import TypeVar
 
 from metaemu.clock import Clock
-from metaemu.errors import ConfigError, UpstreamError
+from metaemu.errors import ConfigError
 from metaemu.pods.kube_client import KubeClient, WatchEvent
 from metaemu.pods.objects import PodRecord, is_loopback, normalize_ip
 from metaemu.pods.pod_metrics import PodMetrics
+from metaemu.pods.reflector import WATCH_GRACE_S, WATCH_TIMEOUT_S, Reflector
+
+__all__ = ["WATCH_GRACE_S", "WATCH_TIMEOUT_S", "PodIndex", "PodWatcher"]
 
 log = logging.getLogger(__name__)
-
-#: Server-side watch duration. client-go's reflector picks 5 to 10 min; 5 min bounds how long a
-#: silently broken connection (no RST through a NAT) can hide, at one reconnect per 5 min per node.
-WATCH_TIMEOUT_S = 300
-#: A watch still open this long after its timeoutSeconds is treated as stalled and dropped.
-WATCH_GRACE_S = 30.0
-#: A watch that ends sooner than this without delivering an event made no progress: back off
-#: instead of reconnecting in a tight loop (a proxy closing every stream at once).
-MIN_HEALTHY_WATCH_S = 1.0
-#: Reconnect backoff, doubling from 1 s to 30 s (client-go's reflector: 800 ms to 30 s).
-BACKOFF_BASE_S = 1.0
-BACKOFF_CAP_S = 30.0
 
 _UID = str
 _SaKey = tuple[str, str]
@@ -68,9 +59,13 @@ class PodIndex:
         self._by_ip: dict[str, set[_UID]] = {}
         self._host_ips: dict[str, set[_UID]] = {}
         self._by_sa: dict[_SaKey, set[_UID]] = {}
+        self._unaddressed: set[_UID] = set()
         self._waiters: dict[str, set[asyncio.Event]] = {}
         #: Called with each address whose pods changed (added, changed, removed, relisted).
         self.on_change: Callable[[str], None] | None = None
+        #: Called with (pod, True) each time a candidate pod is indexed (a new pod with its address,
+        #: or a change to one) and (pod, False) once a pod that was a candidate no longer is.
+        self.on_candidate: Callable[[PodRecord, bool], None] | None = None
 
     def __len__(self) -> int:
         return len(self._pods)
@@ -104,6 +99,11 @@ class PodIndex:
         pods = (self._pods[uid] for uid in self._by_sa.get((namespace, name), ()))
         return tuple(sorted(pods, key=lambda p: (p.name, p.uid)))
 
+    def awaiting_addresses(self) -> bool:
+        """Whether a pod of this node is starting but has no address in the API yet: a caller the
+        index does not know may be it (SEC-09), so it is worth waiting for the watch."""
+        return bool(self._unaddressed)
+
     def service_accounts(self) -> frozenset[_SaKey]:
         """(namespace, name) of every service account with a candidate pod on this node."""
         return frozenset(self._by_sa)
@@ -132,15 +132,16 @@ class PodIndex:
         """Make the index exactly ``pods`` (a full list): pods missing from it are dropped."""
         incoming = {p.uid: p for p in pods if p.node_name == self.node_name}
         for uid in [uid for uid in self._pods if uid not in incoming]:
-            self._drop(uid)
+            self._report(self._drop(uid), None)
         for pod in incoming.values():
             self.upsert(pod)
 
     def upsert(self, pod: PodRecord) -> None:
         """Add or replace ``pod``. A pod of another node is dropped, never kept (SEC-13, SEC-39)."""
-        self._drop(pod.uid)
+        old = self._drop(pod.uid)
         if pod.node_name != self.node_name:
             log.warning("ignoring pod %s/%s of another node in the node-scoped watch", pod.namespace, pod.name)
+            self._report(old, None)
             return
         self._pods[pod.uid] = pod
         if pod.host_network:
@@ -150,20 +151,33 @@ class PodIndex:
             for ip in pod.pod_ips:
                 self._by_ip.setdefault(ip, set()).add(pod.uid)
             self._by_sa.setdefault((pod.namespace, pod.service_account), set()).add(pod.uid)
+        elif pod.awaits_address_on(self.node_name):
+            self._unaddressed.add(pod.uid)
         self._notify(pod.pod_ips)
+        self._report(old, pod)
 
     def remove(self, pod: PodRecord) -> None:
-        self._drop(pod.uid)
+        self._report(self._drop(pod.uid), None)
 
-    def _drop(self, uid: str) -> None:
+    def _drop(self, uid: str) -> PodRecord | None:
         old = self._pods.pop(uid, None)
         if old is None:
-            return
+            return None
         for ip in old.pod_ips:
             _discard(self._by_ip, ip, uid)
             _discard(self._host_ips, ip, uid)
         _discard(self._by_sa, (old.namespace, old.service_account), uid)
+        self._unaddressed.discard(uid)
         self._notify(old.pod_ips)
+        return old
+
+    def _report(self, old: PodRecord | None, new: PodRecord | None) -> None:
+        if self.on_candidate is None:
+            return
+        if new is not None and new.is_candidate_on(self.node_name):
+            self.on_candidate(new, True)
+        elif old is not None and old.is_candidate_on(self.node_name):
+            self.on_candidate(old, False)
 
     def _notify(self, ips: Iterable[str]) -> None:
         for ip in ips:
@@ -173,118 +187,40 @@ class PodIndex:
                 event.set()
 
 
-class PodWatcher:
+class PodWatcher(Reflector[PodRecord]):
     """Keeps a ``PodIndex`` current from the API server (list + watch, relist on 410)."""
 
+    name = "pod watch"
+
     def __init__(self, *, kube: KubeClient, index: PodIndex, clock: Clock, metrics: PodMetrics) -> None:
+        super().__init__(clock=clock, restarts=metrics.watch_restarts)
         self._kube = kube
         self._index = index
-        self._clock = clock
         self._metrics = metrics
         self._selector = f"spec.nodeName={index.node_name}"
-        self._resource_version = ""
-        self._need_list = True
-        self._progressed = False
-        self._stop = asyncio.Event()
-        self._watch_done: asyncio.Event | None = None
-
-    @property
-    def resource_version(self) -> str:
-        return self._resource_version
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._watch_done is not None:
-            self._watch_done.set()
 
     async def pod_watcher(self) -> None:
-        """Run until ``stop`` (or cancellation); an iteration's failure is logged, counted and
-        retried with backoff, never fatal."""
-        failures = 0
-        while not self._stop.is_set():
-            self._progressed = False
-            relisting, expired = self._need_list, False
-            try:
-                await self._cycle()
-            except UpstreamError as exc:
-                expired = exc.status == 410
-                self._note_failure(exc)
-            except Exception:  # a bug in one iteration must not stop the index from updating
-                log.exception("pod watch iteration failed")
-                self._metrics.watch_restarts.labels("error").inc()
-            if self._progressed or (expired and not relisting):
-                failures = 0  # a healthy watch ended, or its history expired: go again at once
-                continue
-            failures += 1
-            if not self._stop.is_set():
-                delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (failures - 1))
-                await self._clock.sleep(delay, until=self._stop)
+        """Run until ``stop`` (or cancellation); see ``Reflector.run``."""
+        await self.run()
 
-    async def _cycle(self) -> None:
-        if self._need_list:
-            await self._relist()
-        started = self._clock.monotonic()
-        try:
-            await self._watch_once()
-        finally:
-            if self._clock.monotonic() - started >= MIN_HEALTHY_WATCH_S:
-                self._progressed = True
-
-    async def _relist(self) -> None:
+    async def _list(self) -> str:
         listing = await self._kube.list_pods(field_selector=self._selector)
         self._index.replace(listing.pods)
-        self._resource_version = listing.resource_version
-        self._need_list = False
         self._index.mark_synced()
         self._metrics.watch_synced.set(1)
         log.info("pod index synced: %d pods on node %s", len(self._index), self._index.node_name)
+        return listing.resource_version
 
-    async def _watch_once(self) -> None:
-        """One watch request, bounded on the injected clock so a stalled stream is noticed."""
-        done = self._watch_done = asyncio.Event()
-        task = asyncio.create_task(self._consume(), name="pod_watch_stream")
-        task.add_done_callback(lambda _: done.set())
-        try:
-            if not await self._clock.sleep(WATCH_TIMEOUT_S + WATCH_GRACE_S, until=done):
-                raise UpstreamError(service="k8s", url=self._selector, status=0, body="stalled", retryable=True,
-                                    message=f"the pod watch stayed open past {WATCH_TIMEOUT_S}s")
-            if task.done():  # else stop() ended the wait
-                task.result()
-        finally:
-            self._watch_done = None
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def _events(self, resource_version: str, timeout_s: int,
+                opened: Callable[[], None]) -> AsyncGenerator[WatchEvent[PodRecord], None]:
+        return self._kube.watch_pods(field_selector=self._selector, resource_version=resource_version,
+                                     timeout_s=timeout_s, opened=opened)
 
-    async def _consume(self) -> None:
-        events = self._kube.watch_pods(field_selector=self._selector, resource_version=self._resource_version,
-                                       timeout_s=WATCH_TIMEOUT_S)
-        async with contextlib.aclosing(events):
-            async for event in events:
-                self._apply(event)
-
-    def _apply(self, event: WatchEvent) -> None:
-        self._progressed = True
-        if event.resource_version:
-            self._resource_version = event.resource_version
-        match event.type, event.pod:
-            case ("ADDED" | "MODIFIED"), PodRecord() as pod:
-                self._index.upsert(pod)
-            case "DELETED", PodRecord() as pod:
-                self._index.remove(pod)
-            case "BOOKMARK", _:
-                pass
-            case _:
-                log.warning("ignoring pod watch event of type %r", event.type)
-
-    def _note_failure(self, exc: UpstreamError) -> None:
-        if exc.status == 410:  # our resourceVersion left the server's history: start over
-            self._need_list = True
-            self._metrics.watch_restarts.labels("expired").inc()
-            log.info("pod watch expired (410 Gone); relisting")
-            return
-        self._metrics.watch_restarts.labels("error").inc()
-        log.warning("pod watch failed (%s); keeping the last known %d pods", exc.reason, len(self._index))
+    def _apply(self, event_type: str, item: PodRecord) -> None:
+        if event_type == "DELETED":
+            self._index.remove(item)
+        else:
+            self._index.upsert(item)
 
 
 def _discard(index: dict[_K, set[str]], key: _K, uid: str) -> None:

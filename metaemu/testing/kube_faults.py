@@ -34,11 +34,13 @@ from metaemu.pods.stream import KubeTransport, LineStream
 from metaemu.testing.faults import FaultInjector
 from metaemu.transport import HttpRequest, HttpResponse, TransportFailure
 
-Endpoint = Literal["list", "watch", "get", "token", "node_get", "node_patch", "other"]
+#: ``list`` / ``watch``: pods; ``sa_list`` / ``sa_watch``: the cluster's service accounts.
+Endpoint = Literal["list", "watch", "get", "token", "node_get", "node_patch", "sa_list", "sa_watch", "other"]
 _NODE = re.compile(r"^/api/v1/nodes/[^/]+$")
 _TOKEN = re.compile(r"^/api/v1/namespaces/[^/]+/serviceaccounts/[^/]+/token$")
 _GET = re.compile(r"^/api/v1/namespaces/[^/]+/(pods|serviceaccounts)/[^/]+$")
 _PODS = re.compile(r"^/api/v1(/namespaces/[^/]+)?/pods$")
+_ACCOUNTS = re.compile(r"^/api/v1/serviceaccounts$")
 _JSON = {"Content-Type": "application/json"}
 _END, _BROKEN = object(), object()
 
@@ -71,6 +73,8 @@ def endpoint_of(method: str, path: str, query: Mapping[str, str]) -> Endpoint:
         return "token"
     if _PODS.match(path) and method == "GET":
         return "watch" if query.get("watch") in ("1", "true") else "list"
+    if _ACCOUNTS.match(path) and method == "GET":
+        return "sa_watch" if query.get("watch") in ("1", "true") else "sa_list"
     return "get" if _GET.match(path) and method == "GET" else "other"
 
 
@@ -81,7 +85,8 @@ def kube_status(code: int, reason: str, message: str) -> dict[str, Any]:
 
 
 class _OpenWatch:
-    def __init__(self) -> None:
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
         self.queue: asyncio.Queue[object] = asyncio.Queue()
 
 
@@ -138,25 +143,33 @@ class FaultyKube:
         self._outage = None
         self._faults.clear()
 
-    def end_watches(self) -> None:
-        """Every open watch ends cleanly, as when the server's ``timeoutSeconds`` is up."""
-        for watch in self._watches:
+    def end_watches(self, endpoint: Endpoint | None = None) -> None:
+        """Every open watch (of ``endpoint``) ends cleanly, as when its ``timeoutSeconds`` is up."""
+        for watch in self._open(endpoint):
             watch.queue.put_nowait(_END)
 
-    def break_watches(self) -> None:
-        """Every open watch's connection resets mid-stream."""
-        for watch in self._watches:
+    def break_watches(self, endpoint: Endpoint | None = None) -> None:
+        """Every open watch's (of ``endpoint``) connection resets mid-stream."""
+        for watch in self._open(endpoint):
             watch.queue.put_nowait(_BROKEN)
 
-    def inject(self, line: bytes) -> None:
-        """Deliver ``line`` on every open watch after the events already received."""
-        for watch in self._watches:
+    def inject(self, line: bytes, endpoint: Endpoint = "watch") -> None:
+        """Deliver ``line`` on every open watch of ``endpoint`` (pods by default) after the events
+        already received."""
+        for watch in self._open(endpoint):
             watch.queue.put_nowait(line)
+
+    def watches(self, endpoint: Endpoint = "watch") -> int:
+        """Watch streams of ``endpoint`` currently open to the caller."""
+        return len(self._open(endpoint))
 
     @property
     def watch_count(self) -> int:
-        """Watch streams currently open to the caller."""
-        return len(self._watches)
+        """Pod watch streams currently open to the caller."""
+        return self.watches("watch")
+
+    def _open(self, endpoint: Endpoint | None) -> list[_OpenWatch]:
+        return [w for w in self._watches if endpoint is None or w.endpoint == endpoint]
 
     @property
     def in_flight(self) -> int:
@@ -210,7 +223,7 @@ class FaultyKube:
                 self._record(call, 0)
                 raise
             self._record(call, stream.status)
-            watch = _OpenWatch()
+            watch = _OpenWatch(call.endpoint)
             self._watches.add(watch)
             pump = asyncio.create_task(_pump(stream.lines, watch.queue), name="faulty kube watch pump")
             lines = _lines(watch.queue, url=request.url)

@@ -157,25 +157,37 @@ async def test_a_deleted_pod_and_a_reused_address_are_decided_by_the_watch(node:
     assert info.principal.endswith(f"/subject/system:serviceaccount:{node.namespace}:sa3")
 
 
-async def test_an_annotation_change_applies_when_the_full_path_would_see_it(node: Node) -> None:
+async def test_an_annotation_change_arrives_as_an_event_and_applies_from_the_next_request(node: Node) -> None:
+    """Issue #11: the service-account watch delivers the change (no virtual time passes, no re-read
+    is due); the next request on either path serves the new account, and the old account's
+    principal is retired at once, so none of its tokens is served again."""
     agent = node.agent
     email = get(f"{SA}default/email")
     await warm(agent, node.p1, [email])
     assert (await exchange(agent, node.p1, email)).endswith(GSA1.encode())
+    started = agent.clock.monotonic()
     annotate_sa1(node, GSA2)
-    # Until the service-account record is due for a re-read, both paths serve the one they have ...
-    assert (await assert_same(agent, node.p1, email)).endswith(GSA1.encode())
-    await agent.advance(TTL_S)
-    # ... then the next request reads it again (the fast path hands it over: the record is due),
-    # and both serve the new account.
-    served = node.served
-    assert (await exchange(agent, node.p1, email)).endswith(GSA2.encode())
-    assert node.served == served
+    await agent.until("the change", lambda: gsa_of_sa1(node) == GSA2)
+    assert not any(k.gsa_email == GSA1 for k in node.contexts.principal_keys())
+    assert (await exchange(agent, node.p1, email)).endswith(GSA2.encode())  # the very next request
     await warm(agent, node.p1, [email])
     assert (await assert_same(agent, node.p1, email)).endswith(GSA2.encode())
     token = json.loads((await exchange(agent, node.p1, get(f"{SA}default/token"))).split(b"\r\n\r\n", 1)[1])
     info = agent.google.token_info(token["access_token"])
     assert info is not None and info.email == GSA2
+    assert agent.clock.monotonic() == started  # an event, not a TTL
+
+
+def gsa_of_sa1(node: Node) -> str | None:
+    found = node.contexts.accounts.peek(node.namespace, "sa1")
+    return found[0].gsa_email if found else None
+
+
+async def watch_down(agent: Agent) -> None:
+    """The service-account watch breaks and cannot reconnect: records age by their TTL from now."""
+    agent.kube.fail("sa_watch", status_code=500, times=10_000)
+    agent.kube.break_watches("sa_watch")
+    await agent.until("the watch down", lambda: agent.kube.watches("sa_watch") == 0)
 
 
 async def test_the_per_pod_rate_limit_holds_on_the_fast_path(cluster: KubeCluster, tmp_path: Path) -> None:
@@ -194,12 +206,13 @@ async def test_the_per_pod_rate_limit_holds_on_the_fast_path(cluster: KubeCluste
 
 
 async def test_a_served_pods_account_is_read_again_before_it_is_due_and_a_change_applies(node: Node) -> None:
-    """The fast path re-reads a served pod's service account shortly before its record is due,
-    so its connections never wait on (or move to the full path for) that read; a change the read
-    finds applies from the next request."""
+    """While the service-account watch is down, the fast path re-reads a served pod's service
+    account shortly before its record is due, so its connections never wait on (or move to the
+    full path for) that read; a change the read finds applies from the next request."""
     agent = node.agent
     email = get(f"{SA}default/email")
     await warm(agent, node.p1, [email])
+    await watch_down(agent)
 
     def reads() -> int:
         return sum(1 for c in agent.kube.requests if c.endpoint == "get" and "/serviceaccounts/sa1" in c.path)

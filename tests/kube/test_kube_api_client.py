@@ -1,14 +1,17 @@
 """metaemu's KubeClient against the real kube-apiserver, as the agent (its pod-bound token under
 manifests/node's RBAC and policies): TokenRequest (SEC-25), the server's errors kept with their
-Status bodies, list and watch, and 410 Gone for a compacted resourceVersion. (Moved here from the
-Kubernetes stand-in, issue #10; tests/pods keeps what needs a controllable clock or injected faults.)
+Status bodies, list and watch of pods and service accounts, and 410 Gone for a compacted
+resourceVersion. (Moved here from the Kubernetes stand-in, issue #10; tests/pods keeps what needs a
+controllable clock or injected faults.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -109,8 +112,8 @@ async def test_list_pods_returns_typed_pods_and_the_resource_version(client: Cli
     assert int(listing.resource_version) > 0
 
 
-async def collect(events: AsyncIterator[WatchEvent], count: int) -> list[WatchEvent]:
-    got: list[WatchEvent] = []
+async def collect(events: AsyncIterator[WatchEvent[Any]], count: int) -> list[WatchEvent[Any]]:
+    got: list[WatchEvent[Any]] = []
     async for event in events:
         got.append(event)
         if len(got) == count:
@@ -129,7 +132,7 @@ async def test_watch_yields_additions_and_a_graceful_deletion(client: Client) ->
     finally:
         await events.aclose()
     assert [e.type for e in got] == ["ADDED", "MODIFIED", "MODIFIED"]
-    assert got[-1].pod is not None and got[-1].pod.deleting
+    assert got[-1].item is not None and got[-1].item.deleting
     assert [int(e.resource_version) for e in got] == sorted(int(e.resource_version) for e in got)
 
 
@@ -148,3 +151,22 @@ async def test_a_compacted_resource_version_is_a_410(client: Client) -> None:
         await events.aclose()
     assert caught.value.status == 410
     assert caught.value.body["reason"] in ("Expired", "Gone")
+
+
+async def test_the_agent_may_watch_every_service_account_and_sees_an_annotation_change(client: Client) -> None:
+    """Issue #11: annotation changes arrive as events. The watch starts from the collection's
+    resourceVersion (a one-item list: nothing else of the cluster's service accounts is read)."""
+    version = await client.kube.service_accounts_version()
+    assert int(version) > 0
+    events = client.kube.watch_service_accounts(annotation="iam.gke.io/gcp-service-account",
+                                                resource_version=version, timeout_s=60)
+    try:
+        reading = asyncio.ensure_future(collect(events, 1))
+        uid = await asyncio.to_thread(client.cluster.service_account, client.namespace, "app", annotations={
+            "iam.gke.io/gcp-service-account": "changed@demo-project.iam.gserviceaccount.com"})
+        [event] = await asyncio.wait_for(reading, timeout=30)
+    finally:
+        await events.aclose()
+    assert event.type == "MODIFIED" and event.item is not None
+    assert (event.item.namespace, event.item.name, event.item.uid, event.item.gsa_email) == (
+        client.namespace, "app", uid, "changed@demo-project.iam.gserviceaccount.com")

@@ -19,7 +19,7 @@ import pytest
 
 from metaemu import __version__
 from metaemu.pods.agent import NodeAgent
-from metaemu.pods.identity import NEW_POD_WAIT_S, RETRY_AFTER_UNAVAILABLE_S
+from metaemu.pods.identity import RETRY_AFTER_UNAVAILABLE_S
 from metaemu.pods.startup_taint import READY_POLL_S
 from metaemu.pods.watch import PodIndex
 from tests.helpers import SA_PATH, assert_no_jwt_from
@@ -96,10 +96,10 @@ async def test_gke06_unannotated_pod_gets_no_identity_token(world: World) -> Non
 
 async def test_sec08_sec13_sec14_unknown_elsewhere_node_and_loopback_get_403(world: World) -> None:
     agent = world.agent
-    # An address no pod of this node has: one live lookup (the real server answers: nothing), then
-    # the grace a just-started pod gets to reach the watch, in virtual time. The node's own
-    # addresses are refused at once.
-    waits = {"169.254.30.250": NEW_POD_WAIT_S, world.elsewhere_ip: NEW_POD_WAIT_S, NODE_IP: 0, "127.0.0.1": 0}
+    # An address no pod of this node has: one live lookup (the real server answers: nothing), and,
+    # since no pod of the node is waiting for its address, the refusal at once (issue #11). The
+    # node's own addresses are refused without a lookup.
+    waits = {"169.254.30.250": 0, world.elsewhere_ip: 0, NODE_IP: 0, "127.0.0.1": 0}
     for peer, wait_s in waits.items():
         response, waited_s = await agent.drive(agent.get(peer, SA_PATH + "token"), step_s=0.25)
         assert response.status == 403, peer
@@ -136,8 +136,11 @@ async def test_sec25_token_requests_are_exactly_audience_bound_to_the_calling_po
         assert claims["exp"] - claims["iat"] <= 3600
         pod = claims["kubernetes.io"]["pod"]["name"]
         seen.add((claims["sub"], pod))
+    # Each pod's credentials were prefetched when the watch saw it (issue #11), each token bound
+    # to that pod: the same for p3, which never asked for a token.
     assert seen == {(f"system:serviceaccount:{world.ns[1]}:sa1", "p1"),
-                    (f"system:serviceaccount:{world.ns[2]}:sa2", "p2")}
+                    (f"system:serviceaccount:{world.ns[2]}:sa2", "p2"),
+                    (f"system:serviceaccount:{world.ns[3]}:sa3", "p3")}
     for peer in (world.p1, world.p2, world.p3):  # no response is ever a cluster-issued JWT
         for path in ("token", "?recursive=true", "identity?audience=x", "email"):
             assert_no_jwt_from(ISSUER, (await agent.get(peer, SA_PATH + path)).text or "")
@@ -175,11 +178,22 @@ async def test_sec36_api_outage_keeps_known_pods_served(world: World) -> None:
     agent = world.agent
     token = await world.token(world.p1)
     email = (await agent.get(world.p2, SA_PATH + "email")).text
+    await agent.until("the prefetches", lambda: agent.metric("metaemu_pod_prefetches_total", result="started") == 3)
+    await agent.advance(0)
+    # A fourth pod whose service-account read does not get through before the outage.
+    held = agent.kube.stall("get")
+    p4, _ = agent.workload(unique("ns4"), "p4", sa="sa4")
+    await agent.until("p4's account read", lambda: any(
+        c.endpoint == "get" and c.path.endswith("/serviceaccounts/sa4") for c in agent.kube.requests))
     agent.cluster.stop_apiserver()
     try:
+        held.set()
+        await agent.until("p4's prefetch failed",
+                          lambda: agent.metric("metaemu_pod_prefetches_total", result="failed") == 1)
         assert await world.token(world.p1) == token  # seen before the outage: cached, served from memory
         assert (await agent.get(world.p2, SA_PATH + "email")).text == email
-        unseen = await agent.get(world.p3, SA_PATH + "token")  # in the index, its account never fetched
+        assert (await agent.get(world.p3, SA_PATH + "token")).status == 200  # never asked: prefetched (#11)
+        unseen = await agent.get(p4, SA_PATH + "token")  # in the index, its account never read
         assert unseen.status == 503
         assert "Retry-After" in unseen.headers
         unknown, waited_s = await agent.drive(agent.get("169.254.30.251", SA_PATH + "token"))
@@ -213,14 +227,15 @@ async def test_sec40_after_a_scripted_run_the_node_metrics_exist(world: World) -
     agent = world.agent
     await world.token(world.p1)
     await world.token(world.p1)  # a cache hit
-    await agent.drive(agent.get("169.254.30.252", SA_PATH + "token"))  # not_found, after the new-pod grace
+    await agent.get(world.p1, SA_PATH + "token?scopes=https://www.googleapis.com/auth/devstorage.read_only")  # miss
+    await agent.drive(agent.get("169.254.30.252", SA_PATH + "token"))  # not_found
     await agent.get(NODE_IP, SA_PATH + "token")  # host_network
     await agent.get(world.p2, SA_PATH + "token", headers={"X-Forwarded-For": "1.2.3.4"})  # blocked
     for _ in range(12):
         await agent.get(world.p3, SA_PATH + "email")  # past the burst of 10: rate limited
     m = agent.metric
     assert m("metaemu_requests_total", route="/computeMetadata/v1/instance/service-accounts/{account}/token",
-             code="200") == 2
+             code="200") == 3
     for result in ("found", "not_found", "host_network"):
         assert m("metaemu_pod_lookup_total", result=result) >= 1, result
     assert m("metaemu_token_cache_total", kind="access_token", result="hit") >= 1
@@ -230,6 +245,8 @@ async def test_sec40_after_a_scripted_run_the_node_metrics_exist(world: World) -
     assert m("metaemu_blocked_requests_total", reason="xff") == 1
     assert m("metaemu_rate_limited_total") >= 1
     assert m("metaemu_pod_watch_synced") == 1
+    assert m("metaemu_service_account_watch_synced") == 1
+    assert m("metaemu_pod_prefetches_total", result="started") == 3
     assert m("metaemu_build_info", version=__version__) == 1
 
 

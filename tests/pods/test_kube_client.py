@@ -157,8 +157,8 @@ async def test_object_names_are_not_path_injection(faulty: FaultyKube, kube: Kub
 # -- watch faults ------------------------------------------------------------------------------------
 
 
-async def collect(events: AsyncIterator[WatchEvent], count: int) -> list[WatchEvent]:
-    got: list[WatchEvent] = []
+async def collect(events: AsyncIterator[WatchEvent[Any]], count: int) -> list[WatchEvent[Any]]:
+    got: list[WatchEvent[Any]] = []
     async for event in events:
         got.append(event)
         if len(got) == count:
@@ -317,7 +317,7 @@ async def test_kube_http_streams_watch_events_as_they_happen(pods: Pods, connect
         first = asyncio.ensure_future(collect(events, 1))
         await asyncio.to_thread(pods.pod, "web")
         [event] = await asyncio.wait_for(first, timeout=10)
-        assert (event.type, event.pod.name if event.pod else None) == ("ADDED", "web")
+        assert (event.type, event.item.name if event.item else None) == ("ADDED", "web")
         await events.aclose()
         uid = pods.service_account("app")
         assert (await kube.get_service_account(pods.namespace, "app", annotation="x")).uid == uid
