@@ -30,6 +30,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from metaemu.config import parse_config
+from metaemu.pods.agent import NodeAgent
 from metaemu.pods.stream import KubeHttp
 from metaemu.server.runner import MetaemuServer
 from metaemu.testing.fake_clock import FakeClock, settle
@@ -159,6 +160,13 @@ class Agent:
             await asyncio.sleep(0.02)
             if advance_s:
                 await self.advance(advance_s)
+
+
+def agent_of(agent: Agent) -> NodeAgent:
+    """The node agent behind ``agent``'s server (its context provider in node mode)."""
+    contexts = agent.server.components.contexts
+    assert isinstance(contexts, NodeAgent)
+    return contexts
 
 
 def _pod_ips() -> Iterator[str]:

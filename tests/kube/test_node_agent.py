@@ -12,21 +12,14 @@ from pathlib import Path
 import jwt
 import pytest
 
-from metaemu.pods.agent import NodeAgent
 from metaemu.pods.startup_taint import READY_POLL_S
 from tests.helpers import SA_PATH
-from tests.kube.agent import Agent, started_agent, unique
+from tests.kube.agent import Agent, agent_of, started_agent, unique
 from tests.kube.cluster import ISSUER, KubeCluster
 
 pytestmark = pytest.mark.kube
 
 GSA = "app@my-project.iam.gserviceaccount.com"
-
-
-def agent_of(agent: Agent) -> NodeAgent:
-    contexts = agent.server.components.contexts
-    assert isinstance(contexts, NodeAgent)
-    return contexts
 
 
 async def test_gke05_sec25_pod_gets_its_own_token_from_a_real_pod_bound_token_request(agent: Agent) -> None:

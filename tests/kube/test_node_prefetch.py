@@ -10,20 +10,13 @@ import asyncio
 
 import pytest
 
-from metaemu.pods.agent import NodeAgent
 from metaemu.pods.identity import NEW_POD_WAIT_S
 from tests.helpers import SA_PATH
-from tests.kube.agent import Agent, unique
+from tests.kube.agent import Agent, agent_of, unique
 
 pytestmark = pytest.mark.kube
 
 GSA = "app@my-project.iam.gserviceaccount.com"
-
-
-def agent_of(agent: Agent) -> NodeAgent:
-    contexts = agent.server.components.contexts
-    assert isinstance(contexts, NodeAgent)
-    return contexts
 
 
 def exchanges(agent: Agent) -> tuple[int, int]:
