@@ -181,7 +181,7 @@ class ServiceAccountCache:
         may have been missed, so every record held is read again (concurrently, each bounded)."""
         self._live = False
         self._epoch += 1
-        keys = list(self._entries)
+        keys = self.keys()
         if keys:
             log.info("re-reading %d service accounts after a gap in the service-account watch", len(keys))
             await asyncio.gather(*(self.refresh(*key) for key in keys))
@@ -192,6 +192,7 @@ class ServiceAccountCache:
         """One GET; stored (or the failure recorded) in the same step as it is checked against the
         events that arrived meanwhile, so no event can slip in between."""
         self._racing[key] = _UNSEEN
+        epoch = self._epoch  # a read begun before a relist may predate what the new watch replays
         try:
             record = await self._kube.get_service_account(*key, annotation=self.annotation,
                                                           timeout_s=READ_TIMEOUT_S)
@@ -207,7 +208,7 @@ class ServiceAccountCache:
                 return self._on_failure(key, _deleted(key))
             if isinstance(raced, ServiceAccountRecord):
                 record = raced
-        self._store(key, record)
+        self._store(key, record, epoch=epoch)
         return record
 
     def _on_failure(self, key: _Key, exc: UpstreamError) -> ServiceAccountRecord:
@@ -224,9 +225,10 @@ class ServiceAccountCache:
         if self._entries.pop(key, None) is not None and self.on_change is not None:
             self.on_change(key)
 
-    def _store(self, key: _Key, record: ServiceAccountRecord) -> None:
+    def _store(self, key: _Key, record: ServiceAccountRecord, *, epoch: int | None = None) -> None:
         previous = self._entries.get(key)
-        self._entries[key] = _Entry(record=record, fetched_at=self._clock.monotonic(), epoch=self._epoch)
+        self._entries[key] = _Entry(record=record, fetched_at=self._clock.monotonic(),
+                                    epoch=self._epoch if epoch is None else epoch)
         if self.on_change is not None and (previous is None or previous.record != record):
             self.on_change(key)
         self._entries.move_to_end(key)

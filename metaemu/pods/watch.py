@@ -63,8 +63,8 @@ class PodIndex:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         #: Called with each address whose pods changed (added, changed, removed, relisted).
         self.on_change: Callable[[str], None] | None = None
-        #: Called with (pod, True) each time a candidate pod is indexed (a new pod with its address,
-        #: or a change to one) and (pod, False) once a pod that was a candidate no longer is.
+        #: Called with (pod, True) when a pod becomes a candidate (indexed with its address) or its
+        #: addresses change, and (pod, False) once a pod that was a candidate no longer is.
         self.on_candidate: Callable[[PodRecord, bool], None] | None = None
 
     def __len__(self) -> int:
@@ -175,7 +175,9 @@ class PodIndex:
         if self.on_candidate is None:
             return
         if new is not None and new.is_candidate_on(self.node_name):
-            self.on_candidate(new, True)
+            # Only when it becomes one or its addresses change: kubelet's status updates are not news.
+            if old is None or not old.is_candidate_on(self.node_name) or old.pod_ips != new.pod_ips:
+                self.on_candidate(new, True)
         elif old is not None and old.is_candidate_on(self.node_name):
             self.on_candidate(old, False)
 

@@ -38,6 +38,22 @@ async def test_a_pod_the_watch_sees_has_its_token_before_its_first_request(agent
     assert info is not None and info.email == GSA
 
 
+async def test_a_pods_later_updates_start_no_further_prefetch(agent: Agent) -> None:
+    """Kubelet's status updates and label changes arrive as MODIFIED events: not news to prefetch."""
+    namespace = unique("apps")
+    _, uid = agent.workload(namespace, "web", gsa=GSA)
+    index = agent_of(agent).index
+    await agent.until("the prefetch", lambda: agent.metric("metaemu_pod_prefetches_total", result="started") == 1)
+    before = index.pod(uid)
+    assert before is not None
+    agent.cluster.ok("PATCH", f"/api/v1/namespaces/{namespace}/pods/web", {"metadata": {"labels": {"v": "2"}}},
+                     content_type="application/merge-patch+json")
+    await agent.until("the update", lambda: (p := index.pod(uid)) is not None
+                      and p.resource_version != before.resource_version)
+    await agent.advance(0)
+    assert [agent.metric("metaemu_pod_prefetches_total", result=r) for r in ("started", "cached")] == [1, 0]
+
+
 async def test_a_first_request_during_the_exchange_joins_it(agent: Agent) -> None:
     held = agent.google.stall("sts")
     ip, _ = agent.workload(unique("apps"), "web", gsa=GSA)

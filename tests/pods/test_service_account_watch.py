@@ -181,3 +181,25 @@ async def test_a_gap_in_the_watch_reads_every_record_held_again(
     assert sample(metrics, "metaemu_service_account_watch_restarts_total", reason="expired") == 1
     pods.annotate_sa("a", GSA_ANNOTATION, ONE)  # and it is live again
     await eventually(lambda: gsa_of(service_accounts, pods.namespace, "a") == ONE)
+
+
+async def test_a_read_begun_before_a_gap_in_the_watch_is_not_taken_as_current(
+        pods: Pods, faulty: FaultyKube, clock: FakeClock, service_accounts: ServiceAccountCache,
+        watched: ServiceAccountWatcher) -> None:
+    """The read's answer may predate the new watch's starting point (events in between are never
+    replayed), so it ages by the TTL instead of being kept current by the watch."""
+    pods.service_account("app")
+    gate = faulty.stall("get")
+    reading = asyncio.ensure_future(service_accounts.get(pods.namespace, "app"))
+    await eventually(lambda: faulty.calls["get"] == 1)
+    lists = faulty.calls["sa_list"]
+    faulty.inject(json.dumps({"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired",
+                                                          "message": "too old resource version"}}).encode(),
+                  "sa_watch")
+    await eventually(lambda: faulty.calls["sa_list"] == lists + 1 and faulty.watches("sa_watch") == 1)
+    faulty.unstall("get")
+    gate.set()
+    await reading
+    await advance(clock, faulty, TTL_S + 1)
+    await service_accounts.get(pods.namespace, "app")
+    assert faulty.calls["get"] == 2  # read again: the watch did not vouch for it
