@@ -1,5 +1,6 @@
-"""Command line: ``metaemu serve | demo | node-setup | credential-provider | version``. Flags, logging and process
-exit codes only; no business logic. Exit codes: 0 success or clean SIGTERM, 2 configuration or start-up error.
+"""Command line: ``metaemu serve | demo | node-setup | credential-provider | probe | version``. Flags,
+logging and process exit codes only; no business logic. Exit codes: 0 success or clean SIGTERM, 2 configuration
+or start-up error.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from metaemu import __version__, eventloop
-from metaemu.config import load_config
-from metaemu.errors import ConfigError
-from metaemu.logs import setup_logging
-from metaemu.server.runner import MetaemuServer, StartupError, serve_until_signalled
+from metaemu import __version__
+
+if TYPE_CHECKING:
+    from metaemu.server.runner import MetaemuServer
 
 EXIT_CONFIG = 2
 
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("credential-provider", add_help=False,
                    help="kubelet image credential provider: a CredentialProviderRequest on stdin, the response "
                    "on stdout (manifests/credential-provider)")
+    sub.add_parser("probe", add_help=False,
+                   help="node mode's exec probe: `probe ready|live --socket PATH` asks this pod's agent over "
+                   "its admin_socket")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -48,6 +52,10 @@ def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = 
         from metaemu.node_setup import main as node_setup
 
         return node_setup(arguments[1:], environ=env)
+    if arguments[:1] == ["probe"]:  # kubelet runs it every few seconds: nothing heavy is imported
+        from metaemu.probe import main as probe
+
+        return probe(arguments[1:])
     if arguments[:1] == ["credential-provider"]:  # a kubelet exec plugin: its own flags and stdio contract
         from metaemu.image_credentials import main as credential_provider
 
@@ -60,6 +68,11 @@ def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = 
         from metaemu.demo import run_demo
 
         return run_demo(listen=args.listen, admin_listen=args.admin_listen, profile=args.profile, env=env)
+    from metaemu.config import load_config
+    from metaemu.errors import ConfigError
+    from metaemu.logs import setup_logging
+    from metaemu.server.runner import MetaemuServer
+
     config_path = args.config or (Path(env["METAEMU_CONFIG"]) if env.get("METAEMU_CONFIG") else None)
     if config_path is None and args.credential_config is None:
         print("metaemu: --config (or METAEMU_CONFIG) or --credential-config is required", file=sys.stderr)
@@ -75,6 +88,9 @@ def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = 
 
 
 def run_server(server: MetaemuServer) -> int:
+    from metaemu import eventloop
+    from metaemu.server.runner import StartupError, serve_until_signalled
+
     try:
         eventloop.run(serve_until_signalled(server))
     except StartupError as exc:

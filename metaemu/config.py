@@ -185,6 +185,9 @@ class NodeConfig:
 class Config:
     listen: HostPort
     admin_listen: HostPort
+    #: The admin app on a Unix socket as well: node mode's exec probes reach this process's own
+    #: /readyz through it while two agents share admin_listen in a surge upgrade (issue #11).
+    admin_socket: Path | None = None
     profile: Profile = "gke"
     log_level: str = "info"
     project_id: str
@@ -275,9 +278,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 #: Every key the file accepts, by section (the README's configuration reference is tested against these).
-TOP_KEYS = frozenset({"listen", "admin_listen", "profile", "log_level", "project_id", "numeric_project_id",
-                      "project_attributes", "instance", "workload_identity", "endpoints", "allowed_hosts", "mode",
-                      "node", "fast_path"})
+TOP_KEYS = frozenset({"listen", "admin_listen", "admin_socket", "profile", "log_level", "project_id",
+                      "numeric_project_id", "project_attributes", "instance", "workload_identity", "endpoints",
+                      "allowed_hosts", "mode", "node", "fast_path"})
 NODE_KEYS = frozenset({"name", "audience", "service_account_annotation", "token_expiration_seconds",
                        "host_network", "kubeconfig", "host_addresses", "scopes", "token_lifetime_seconds",
                        "rate_limit_per_second", "rate_limit_burst", "max_concurrent_requests",
@@ -325,6 +328,7 @@ def parse_config(raw: Mapping[str, Any], *, hostname: str, base_dir: Path) -> Co
     return Config(
         listen=HostPort.parse("listen", _str(raw, "listen", "127.0.0.1:8080")),
         admin_listen=HostPort.parse("admin_listen", _str(raw, "admin_listen", "127.0.0.1:8081")),
+        admin_socket=_admin_socket(raw, base_dir=base_dir),
         profile=profile,  # type: ignore[arg-type]  # checked above
         log_level=log_level,
         project_id=project_id,
@@ -489,6 +493,21 @@ def _mapping(raw: Mapping[str, Any], key: str, *, required: bool = False, prefix
     if not isinstance(value, dict):
         raise ConfigError(prefix + key, f"must be a mapping, got {type(value).__name__}")
     return value
+
+
+#: sun_path holds 108 bytes with the terminating NUL (unix(7)).
+_MAX_SOCKET_PATH_BYTES = 107
+
+
+def _admin_socket(raw: Mapping[str, Any], *, base_dir: Path) -> Path | None:
+    value = _opt_str(raw, "admin_socket")
+    if value is None:
+        return None
+    path = base_dir / value
+    if len(str(path).encode()) > _MAX_SOCKET_PATH_BYTES:
+        raise ConfigError("admin_socket", f"{path} is longer than a Unix socket path may be "
+                          f"({_MAX_SOCKET_PATH_BYTES} bytes)")
+    return path
 
 
 def _opt_str(raw: Mapping[str, Any], key: str, prefix: str = "") -> str | None:

@@ -32,6 +32,7 @@ from metaemu.config import Config, NodeConfig
 from metaemu.credentials.impersonation import IamCredentialsClient
 from metaemu.credentials.pipeline import Identity, Pipeline
 from metaemu.credentials.sts import StsClient
+from metaemu.credentials.tokens import AccessToken
 from metaemu.errors import UpstreamError
 from metaemu.interception import InterceptionRule
 from metaemu.metrics import Metrics
@@ -124,6 +125,8 @@ class NodeAgent:
         self._account_reads: dict[tuple[str, str], asyncio.Task[None]] = {}
         #: Prefetches whose service-account read is still running, by pod UID (at most the node's pods).
         self._prefetches: dict[str, asyncio.Task[None]] = {}
+        #: Exchanges the prefetches started, until they finish (``warm`` waits for them).
+        self._exchanges: set[asyncio.Task[AccessToken]] = set()
         self._trees: LRUCache[str, Mapping[str, Entry]] = LRUCache(maxsize=MAX_TREES)
         self.default_index: Mapping[str, Entry] = index_tree(build_tree(config))
         self._stop = asyncio.Event()
@@ -247,8 +250,19 @@ class NodeAgent:
         if credentials.access.peek(credentials.default_scopes) is not None:
             self._pod_metrics.prefetches.labels("cached").inc()
             return
-        credentials.access.refresh(credentials.default_scopes)
+        exchange = credentials.access.refresh(credentials.default_scopes)
+        self._exchanges.add(exchange)
+        exchange.add_done_callback(self._exchanges.discard)
         self._pod_metrics.prefetches.labels("started").inc()
+
+    async def warm(self) -> None:
+        """Return once the pod watch has synced and every pod of the node it has seen with an
+        address has its default token cached or its exchange has ended (failed included): what a
+        successor waits for before it takes connections (issue #11). Cancelling this cancels none
+        of the work it waits for."""
+        await self.index.wait_synced()
+        while pending := {*self._prefetches.values(), *self._exchanges}:
+            await asyncio.wait(pending)
 
     def _recheck(self, caller: _Caller, now: float) -> bool:
         identity = caller.identity

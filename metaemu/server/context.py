@@ -37,6 +37,10 @@ class ContextProvider(Protocol):
     def ready(self) -> str | None:
         """None when ready to serve; otherwise the reason (for /readyz)."""
 
+    async def warm(self) -> None:
+        """Return once what the first requests will ask for is in memory (node mode: before a
+        successor takes over a running agent's address; issue #11)."""
+
 
 class SidecarContext:
     def __init__(self, context: RequestContext) -> None:
@@ -49,3 +53,6 @@ class SidecarContext:
 
     def ready(self) -> str | None:
         return None if self._context.credentials.ready() else "no default access token cached yet"
+
+    async def warm(self) -> None:
+        """Nothing to wait for: a sidecar never shares its address with another metaemu."""

@@ -250,6 +250,9 @@ class FastAnswers:
         self._static = ContextAnswers(self, static, max_heads=MAX_REMEMBERED_HEADS) if static is not None else None
         #: Requests answered here (plain integer; the request metrics count them as well).
         self.served = 0
+        #: Set when the server drains (issue #11): every request goes to the full path, which
+        #: answers it with ``Connection: close``.
+        self.closing = False
 
     @property
     def enabled(self) -> bool:
@@ -268,6 +271,8 @@ class FastAnswers:
         """The complete response to ``data`` (one read ending in a blank line) from ``peer`` (the
         connection's normalised peer address), or None when the full handler must answer it.
         Nothing is counted or taken unless it answers; then it counts what the full path would."""
+        if self.closing:
+            return None
         caller = None
         answers = self._static
         if answers is None:  # node mode: the full path's memo of who is at this address

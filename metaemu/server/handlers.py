@@ -74,7 +74,7 @@ class MetadataHandler:
         self._hosts = hosts
         self._gce = responder.profile == "gce"
         self._long_polls = 0
-        self.shutdown = asyncio.Event()  # set on SIGTERM: releases long polls
+        self.shutdown = asyncio.Event()  # set on SIGTERM: releases long polls, closes connections
         # Memos for the fast path, bounded so hostile input cannot grow them.
         self._hosts_seen: set[str] = set()
         self._scope_keys: dict[str, ScopeKey] = {}
@@ -100,6 +100,8 @@ class MetadataHandler:
                 self._in_flight -= 1
             route, response = reply.route, reply.response
         self._metrics.requests.record(route, response.status, time.perf_counter() - started)
+        if self.shutdown.is_set():  # draining (issue #11): the client's next request opens a new
+            response.force_close()  # connection, which the kernel gives to the successor agent
         return response
 
     def _fast_path(self, request: web.Request) -> tuple[str, web.Response] | None:

@@ -201,7 +201,7 @@ async def started_agent(cluster: KubeCluster, tmp_path: Path, *, taints: list[di
     clock = FakeClock(start=dt.datetime.now(dt.UTC).replace(microsecond=0))
     google = FakeGoogle()  # Google's time is real, as the API server's is: it judges the real tokens' iat
     google.add_provider(WorkloadIdentityProvider(audience=audience, issuer=ISSUER, jwks=cluster.jwks()))
-    raw.update(listen="127.0.0.1:0", admin_listen="127.0.0.1:0",
+    raw.update(listen="127.0.0.1:0", admin_listen="127.0.0.1:0", admin_socket=str(tmp_path / "admin.sock"),
                endpoints={"sts": "http://sts.test/v1/token", "iam_credentials": "http://iam.test/v1"})
     raw["node"].update(name=node, kubeconfig=str(kubeconfig), host_addresses=["169.254.29.1"], **node_config)
     if taints is None:

@@ -199,12 +199,20 @@ def test_the_metadata_listener_is_node_local_and_the_admin_listener_loopback() -
     assert admin_port != listen_port
 
 
-def test_probes_go_to_the_admin_listener_on_loopback() -> None:
-    metaemu = container(agent(), "metaemu")
+def test_probes_ask_this_pods_own_agent_over_its_admin_socket() -> None:
+    """Issue #11: two agents share admin_listen during an upgrade, so kubelet's probes go to this
+    pod's own agent through its admin_socket, in a volume no other pod has."""
+    spec = agent()
+    metaemu = container(spec, "metaemu")
+    socket_path = config()["admin_socket"]
+    for probe, check in (("readinessProbe", "ready"), ("livenessProbe", "live")):
+        assert metaemu[probe]["exec"] == {"command": ["metaemu", "probe", check, "--socket", socket_path]}
+        assert "httpGet" not in metaemu[probe]
+    [mount] = [m for m in metaemu["volumeMounts"] if socket_path.startswith(m["mountPath"] + "/")]
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume  # the pod's own: the surge pod has another
+    # The metrics proxy forwards only /metrics, to the loopback listener.
     _, admin_port = host_port(config()["admin_listen"])
-    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        assert metaemu[probe]["httpGet"] == {"host": "127.0.0.1", "port": admin_port, "path": path}
-    # The metrics proxy forwards only /metrics, to the same loopback listener.
     proxy = one(METRICS, "DaemonSet", "metaemu-metrics-proxy")["spec"]["template"]["spec"]["containers"][0]
     assert f"--upstream=http://127.0.0.1:{admin_port}/" in proxy["args"]
     assert "--allow-paths=/metrics" in proxy["args"]
@@ -218,13 +226,13 @@ def test_the_node_name_and_addresses_come_from_the_downward_api() -> None:
     assert config()["node"]["name"] == "${NODE_NAME}"  # a placeholder: METAEMU_NODE_NAME replaces it
 
 
-def test_the_agent_is_node_critical_everywhere_and_rolls_without_overlap() -> None:
+def test_the_agent_is_node_critical_everywhere_and_surges_to_upgrade() -> None:
     daemonset = one(NODE, "DaemonSet", "metaemu")
     spec = daemonset["spec"]["template"]["spec"]
     assert spec["priorityClassName"] == "system-node-critical"
     assert spec["tolerations"] == [{"operator": "Exists"}]
     assert daemonset["spec"]["updateStrategy"] == {
-        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%", "maxSurge": 0}}
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     for c in spec["containers"] + spec["initContainers"]:
         assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"], c["name"]
 
