@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -137,6 +137,38 @@ _TAINT_KEY = re.compile(r"^(?:(?=.{1,253}/)[a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?"
                         r"(?=.{1,63}$)[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 
+#: The clouds whose own metadata service ``node.passthrough`` relays to, each with the first path
+#: segment its requests start with (AWS's dated API versions, ``/2021-07-15/``, are judged as
+#: ``/latest/``; metaemu.server.passthrough).
+PASSTHROUGH_CLOUDS: Mapping[str, str] = {"aws": "latest", "azure": "metadata"}
+PassthroughCloud = Literal["aws", "azure"]
+#: SECURITY (security.md §3 item 3: a pass-through "must never carry node credentials"): paths
+#: never relayed, whatever node.passthrough_paths says (a rule allowing one is a ConfigError, and
+#: the relay refuses them before its rules). AWS: the instance profile's role credentials, the
+#: instance-identity role credentials, and the *signed* identity documents (PKCS#7, signature,
+#: RSA-2048: an attestation that logs the node in elsewhere, e.g. Vault's aws auth method of type
+#: ec2). Azure: managed-identity tokens and the attested (signed) document. Judged like every rule:
+#: after normalisation, case-insensitively, AWS's dated versions as /latest/.
+NEVER_RELAYED: Mapping[str, tuple[str, ...]] = {
+    "aws": ("/latest/meta-data/iam/security-credentials", "/latest/meta-data/identity-credentials",
+            "/latest/dynamic/instance-identity/pkcs7", "/latest/dynamic/instance-identity/signature",
+            "/latest/dynamic/instance-identity/rsa2048"),
+    "azure": ("/metadata/identity", "/metadata/attested"),
+}
+#: Where the cloud's metadata service answers the node itself: the same link-local address on EC2
+#: (IMDS) and Azure (IMDS). The agent's own connections to it are not redirected (the interception
+#: rules only see packets arriving from pods), so the relay reaches the real service.
+DEFAULT_PASSTHROUGH_ADDRESS = HostPort(host="169.254.169.254", port=80)
+#: IMDS answers from the instance's own hypervisor in milliseconds; AWS SDKs give it 1 s per attempt
+#: (botocore's metadata_service_timeout), Azure's 2-5 s. 5 s bounds how long a relay holds a slot of
+#: node.max_concurrent_requests, and stays under Kubernetes' default probe and SDK retry budgets.
+DEFAULT_PASSTHROUGH_TIMEOUT_S = 5.0
+MAX_PASSTHROUGH_TIMEOUT_S = 60.0
+#: A rule of node.passthrough_paths: an optional "!" (refuse), then a canonical absolute path of
+#: the characters a relayed path may hold (metaemu.server.passthrough.RELAY_PATH).
+_PASSTHROUGH_RULE = re.compile(r"^!?/[A-Za-z0-9._~:@+=,/-]*$")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:
     """``mode: node``: one agent per node serving every pod with its own identity (issue #4)."""
@@ -162,8 +194,16 @@ class NodeConfig:
     intercept_node_interface: str | None = None
     #: Removed from this node once the agent is ready (SEC-02); empty: leave the node's taints alone.
     startup_taint: str = DEFAULT_STARTUP_TAINT
+    #: Clouds whose own metadata service pods' non-Google requests are relayed to (issue #11);
+    #: empty: none, every request is metaemu's (fail closed).
+    passthrough: tuple[PassthroughCloud, ...] = ()
+    passthrough_address: HostPort = DEFAULT_PASSTHROUGH_ADDRESS
+    #: Path rules of the relay (metaemu.server.passthrough); empty: each cloud's default rules.
+    passthrough_paths: tuple[str, ...] = ()
+    passthrough_timeout_seconds: float = DEFAULT_PASSTHROUGH_TIMEOUT_S
 
     def __post_init__(self) -> None:
+        self._check_passthrough()
         if self.startup_taint and not _TAINT_KEY.match(self.startup_taint):
             raise ConfigError("node.startup_taint", f"{self.startup_taint!r} is not a taint key (an optional "
                               "DNS-subdomain prefix and '/', then a name of at most 63 characters)")
@@ -179,6 +219,50 @@ class NodeConfig:
             raise ConfigError("node.rate_limit_per_second", "rate and burst must be positive")
         if self.max_concurrent_requests < 1:
             raise ConfigError("node.max_concurrent_requests", "must be at least 1")
+
+    def _check_passthrough(self) -> None:
+        unknown = sorted(set(self.passthrough) - set(PASSTHROUGH_CLOUDS))
+        if unknown or len(set(self.passthrough)) != len(self.passthrough):
+            raise ConfigError("node.passthrough", f"expected a list of distinct clouds out of "
+                              f"{', '.join(PASSTHROUGH_CLOUDS)}, got {list(self.passthrough)}")
+        address = self.passthrough_address
+        if address.port == 0 or address.host in ("0.0.0.0", "::", ""):
+            raise ConfigError("node.passthrough_address", f"{address} is not an address to connect to")
+        if not 0 < self.passthrough_timeout_seconds <= MAX_PASSTHROUGH_TIMEOUT_S:
+            raise ConfigError("node.passthrough_timeout_seconds", f"must be above 0 and at most "
+                              f"{MAX_PASSTHROUGH_TIMEOUT_S:g}")
+        if self.passthrough_paths and not self.passthrough:
+            raise ConfigError("node.passthrough_paths", "only with node.passthrough")
+        self._check_passthrough_paths()
+
+    def _check_passthrough_paths(self) -> None:
+        """Each rule canonical, in a configured cloud's namespace, never allowing a NEVER_RELAYED
+        path; and every configured cloud allows some path (else it relays nothing: a mistake)."""
+        namespaces = {PASSTHROUGH_CLOUDS[cloud]: cloud for cloud in self.passthrough}
+        allowed: set[str] = set()
+        for rule in self.passthrough_paths:
+            path = rule.removeprefix("!")
+            segments = path.split("/")[1:]
+            if (not _PASSTHROUGH_RULE.match(rule) or any(s in ("", ".", "..") for s in segments[:-1])
+                    or segments[-1] in (".", "..")):
+                raise ConfigError("node.passthrough_paths", f"{rule!r} is not an optional '!' and a canonical "
+                                  "path (no //, . or .., no percent-encoding)")
+            cloud = namespaces.get(segments[0].lower())
+            if cloud is None:
+                raise ConfigError("node.passthrough_paths", f"{rule!r} is no path of "
+                                  f"{', '.join(self.passthrough)} (they start with "
+                                  f"{', '.join('/' + n + '/' for n in namespaces)})")
+            if not rule.startswith("!"):
+                allowed.add(cloud)
+                judged = "/".join(["", PASSTHROUGH_CLOUDS[cloud], *segments[1:]]).lower().rstrip("/")
+                floor = next((f for f in NEVER_RELAYED[cloud] if judged == f or judged.startswith(f + "/")), None)
+                if floor is not None:
+                    raise ConfigError("node.passthrough_paths", f"{rule!r} would relay {floor}: node credentials "
+                                      "are never relayed (security.md §3 item 3)")
+        missing = sorted(set(self.passthrough) - allowed) if self.passthrough_paths else []
+        if missing:
+            raise ConfigError("node.passthrough_paths", f"allows no path of {', '.join(missing)}: remove it from "
+                              "node.passthrough or allow a path")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,6 +293,13 @@ class Config:
                               f"{self.listen}: pods must never reach /metrics or probes (SEC-32)")
         if not self.numeric_project_id.isdigit():
             raise ConfigError("numeric_project_id", "must be digits only (K-02: gcloud checks .isdigit())")
+        node = self.node
+        # SECURITY: the only way a relayed request could reach metaemu again (a loop) is this
+        # address naming metaemu's own listener: the interception rules never redirect the agent's
+        # own connections (metaemu.interception: PREROUTING sees only packets arriving from pods).
+        if node is not None and node.passthrough and self.listen.overlaps(node.passthrough_address):
+            raise ConfigError("node.passthrough_address", f"{node.passthrough_address} is metaemu's own listen "
+                              f"address {self.listen}: relayed requests would come back to metaemu")
         if self.profile == "gke":
             extra = sorted(set(self.instance.attributes) - GKE_INSTANCE_ATTRIBUTES)
             if extra:
@@ -284,7 +375,8 @@ TOP_KEYS = frozenset({"listen", "admin_listen", "admin_socket", "profile", "log_
 NODE_KEYS = frozenset({"name", "audience", "service_account_annotation", "token_expiration_seconds",
                        "host_network", "kubeconfig", "host_addresses", "scopes", "token_lifetime_seconds",
                        "rate_limit_per_second", "rate_limit_burst", "max_concurrent_requests",
-                       "intercept_pod_interfaces", "intercept_node_interface", "startup_taint"})
+                       "intercept_pod_interfaces", "intercept_node_interface", "startup_taint", "passthrough",
+                       "passthrough_address", "passthrough_paths", "passthrough_timeout_seconds"})
 INSTANCE_KEYS = frozenset({"id", "zone", "hostname", "name", "attributes", "tags"})
 WORKLOAD_IDENTITY_KEYS = frozenset({"audience", "service_account", "scopes", "token_lifetime_seconds", "source",
                                     "credential_config"})
@@ -424,6 +516,13 @@ def _parse_node(raw: Mapping[str, Any], *, base_dir: Path) -> NodeConfig:
         intercept_node_interface=_opt_str(raw, "intercept_node_interface", p),
         # Absent: the default taint; null or "": none (nothing to remove, no access to nodes needed).
         startup_taint=(_opt_str(raw, "startup_taint", p) or "") if "startup_taint" in raw else DEFAULT_STARTUP_TAINT,
+        # Checked in NodeConfig (a ConfigError naming node.passthrough for anything but a known cloud).
+        passthrough=cast("tuple[PassthroughCloud, ...]", _str_list(raw, "passthrough", p + "passthrough")),
+        passthrough_address=HostPort.parse(p + "passthrough_address", _str(raw, "passthrough_address",
+                                                                           str(DEFAULT_PASSTHROUGH_ADDRESS), p)),
+        passthrough_paths=_str_list(raw, "passthrough_paths", p + "passthrough_paths"),
+        passthrough_timeout_seconds=_positive_float(raw, "passthrough_timeout_seconds",
+                                                    DEFAULT_PASSTHROUGH_TIMEOUT_S, p),
     )
 
 
