@@ -35,6 +35,7 @@ from metaemu.server.fast_path import FastAnswers
 from metaemu.server.handlers import MetadataHandler
 from metaemu.server.limits import RateLimiter
 from metaemu.server.metadata_tree import build_tree, index_tree
+from metaemu.server.passthrough import Passthrough
 from metaemu.server.responses import Responder
 from metaemu.server.rules import DEFAULT_ALLOWED_HOSTS, HostAllowList
 from metaemu.transport import HttpClient
@@ -54,6 +55,8 @@ class Components:
     handler: MetadataHandler
     #: The protocol-level fast path's answers (issue #12); None when ``fast_path: false``.
     fast: FastAnswers | None = None
+    #: node.passthrough's relay to the cloud's own metadata service (issue #11); None when off.
+    passthrough: Passthrough | None = None
 
     @property
     def credentials(self) -> CachedCredentials:
@@ -77,7 +80,8 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
                                base_url=config.endpoints.iam_credentials, clock=clock, timeout_s=timeout)
     refresher = Refresher(clock=clock)
     contexts: SidecarContext | NodeAgent
-    limiter, max_concurrent = None, None
+    limiter, max_concurrent, passthrough = None, None, None
+    responder = Responder(config.profile)
     if config.node is not None:
         node = config.node
         connection = (KubeConnection.from_kubeconfig(node.kubeconfig) if node.kubeconfig
@@ -86,6 +90,7 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
                              connection=connection, kube_transport=kube_transport)
         limiter = RateLimiter(rate_per_s=node.rate_limit_per_second, burst=node.rate_limit_burst, clock=clock)
         max_concurrent = node.max_concurrent_requests
+        passthrough = Passthrough.from_config(node, responder)
     else:
         wi = config.workload_identity
         assert wi is not None
@@ -100,15 +105,15 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
     listen = str(config.listen)
     hosts = HostAllowList([*DEFAULT_ALLOWED_HOSTS, *config.allowed_hosts, config.listen.host,
                            listen, listen.replace("0.0.0.0", "127.0.0.1")])
-    handler = MetadataHandler(contexts=contexts, responder=Responder(config.profile), metrics=metrics, clock=clock,
-                              hosts=hosts, limiter=limiter, max_concurrent=max_concurrent)
+    handler = MetadataHandler(contexts=contexts, responder=responder, metrics=metrics, clock=clock,
+                              hosts=hosts, limiter=limiter, max_concurrent=max_concurrent, passthrough=passthrough)
     fast = None
     if config.fast_path:
         fast = FastAnswers(static=contexts.static, callers=contexts if isinstance(contexts, NodeAgent) else None,
                            responder=handler.responder, metrics=metrics, clock=clock, hosts=hosts, limiter=limiter,
                            at_capacity=handler.at_capacity)
     return Components(config=config, metrics=metrics, contexts=contexts, refresher=refresher, handler=handler,
-                      fast=fast)
+                      fast=fast, passthrough=passthrough)
 
 
 def create_metadata_app(components: Components) -> web.Application:
@@ -123,6 +128,8 @@ def create_metadata_app(components: Components) -> web.Application:
     app.cleanup_ctx.append(_token_refresher_ctx)
     if isinstance(components.contexts, NodeAgent):
         app.cleanup_ctx.append(components.contexts.agent_ctx)
+    if components.passthrough is not None:
+        app.cleanup_ctx.append(components.passthrough.session_ctx)
     return app
 
 

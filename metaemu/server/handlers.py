@@ -5,7 +5,9 @@ One handler serves every request (the metadata listener hands each one straight 
 router: create_metadata_app). Routing is a dict lookup on the canonical path, which keeps the hot
 path short (the benchmark compares it with a bare aiohttp handler). Order of checks:
 X-Forwarded-For (R-06), method (R-12), Host or the absolute-form authority (SEC-22), normalise
-(SEC-19), Metadata-Flavor (R-01..R-05), lookup, then query rules.
+(SEC-19), Metadata-Flavor (R-01..R-05), lookup, then query rules. In node mode with
+``node.passthrough``, a request of the cloud's own metadata service is told apart right after the
+X-Forwarded-For check and relayed (metaemu.server.passthrough), never a Google one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from metaemu.pods.identity import Refusal
 from metaemu.server.context import ContextProvider, RequestContext
 from metaemu.server.limits import RateLimiter
 from metaemu.server.metadata_tree import Body, Entry
+from metaemu.server.passthrough import Passthrough, Verdict
 from metaemu.server.protocol import MetadataRequestHandler
 from metaemu.server.responses import JSON, RETRY_AFTER_S, TEXT, Responder, credential_error_text
 from metaemu.server.rules import HostAllowList, is_true, normalise_path, parse_query, request_authority
@@ -60,8 +63,10 @@ class Reply:
 
 class MetadataHandler:
     def __init__(self, *, contexts: ContextProvider, responder: Responder, metrics: Metrics, clock: Clock,
-                 hosts: HostAllowList, limiter: RateLimiter | None = None, max_concurrent: int | None = None) -> None:
+                 hosts: HostAllowList, limiter: RateLimiter | None = None, max_concurrent: int | None = None,
+                 passthrough: Passthrough | None = None) -> None:
         self.contexts = contexts
+        self._passthrough = passthrough
         self._index = contexts.default_index
         self._static_context = contexts.static  # sidecar mode: one context, and the fast path
         self._static_creds = contexts.static.credentials if contexts.static else None
@@ -176,12 +181,14 @@ class MetadataHandler:
         if "X-Forwarded-For" in headers:
             return self._blocked("xff", self._r.text(403, "Calls with X-Forwarded-For header are not allowed "
                                                           "by the metadata server.\n"))
+        if self._passthrough is not None:
+            verdict = self._passthrough.judge(request.method, request.raw_path, headers)
+            if verdict is not None:
+                return await self._relay(request, verdict)
         if request.method != "GET":
             return self._blocked("method", self._r.text(405, "Method Not Allowed\n", extra={"Allow": "GET"}))
-        authority = request_authority(request.raw_path, headers.get(_HOST))
-        if authority is None or not self._hosts.allows(authority):
-            return self._blocked("host", self._r.text(403, "Host header is not a name of the metadata server "
-                                                           "(operators: see allowed_hosts).\n"))
+        if not self._host_allowed(request):
+            return self._host_refused()
         raw_path = request.rel_url.raw_path
         canonical = normalise_path(raw_path)
         if canonical is None:
@@ -193,15 +200,10 @@ class MetadataHandler:
                 entry = index.get(canonical.key)
                 return self._blocked("metadata_flavor", self._r.missing_flavor(raw_path),
                                      route=entry.route if entry else "(unmatched)")
-            resolved = self._static_context or await self.contexts.context_for(request)
-            if isinstance(resolved, Refusal):  # node mode: the caller is no pod of ours (SEC-08..SEC-14)
-                extra = {"Retry-After": str(resolved.retry_after_s)} if resolved.retry_after_s else None
-                return Reply(route="(unidentified)", response=self._r.text(resolved.status, resolved.message + "\n",
-                                                                           extra=extra))
+            resolved = await self._caller(request)
+            if isinstance(resolved, Reply):
+                return resolved
             context, index = resolved, resolved.index
-            limited = self._rate_limit(context)
-            if limited is not None:
-                return limited
         entry = index.get(canonical.key)
         if entry is None:
             directory = None if canonical.trailing_slash else index.get(canonical.path + "/")
@@ -218,6 +220,43 @@ class MetadataHandler:
         else:
             response = await self._static(entry, params, request)
         return Reply(route=entry.route, response=response)
+
+    def _host_allowed(self, request: web.Request) -> bool:
+        authority = request_authority(request.raw_path, request.headers.get(_HOST))
+        return authority is not None and self._hosts.allows(authority)
+
+    def _host_refused(self) -> Reply:
+        return self._blocked("host", self._r.text(403, "Host header is not a name of the metadata server "
+                                                       "(operators: see allowed_hosts).\n"))
+
+    async def _caller(self, request: web.Request) -> RequestContext | Reply:
+        """The caller's context, within its rate limit; else the refusal or the 429 to answer."""
+        resolved = self._static_context or await self.contexts.context_for(request)
+        if isinstance(resolved, Refusal):  # node mode: the caller is no pod of ours (SEC-08..SEC-14)
+            extra = {"Retry-After": str(resolved.retry_after_s)} if resolved.retry_after_s else None
+            return Reply(route="(unidentified)", response=self._r.text(resolved.status, resolved.message + "\n",
+                                                                       extra=extra))
+        return self._rate_limit(resolved) or resolved
+
+    async def _relay(self, request: web.Request, verdict: Verdict) -> Reply:
+        """A request of the cloud's metadata service (node.passthrough), relayed or refused.
+
+        Judged like a Google request before it leaves: Host (SEC-22, DNS rebinding), then the
+        caller and its rate limit. SECURITY: the relay reaches the cloud's service with the node's
+        standing (IMDS sees the node's address; its IMDSv2 hop limit is spent on the node), so only a
+        pod of this node may use it: an unknown address, a pod of another node and a host-network
+        caller get the same 403 (503 while a new pod is being looked up) as for a token. The per-pod
+        bucket is shared with Google requests (SEC-34): one pod cannot flood the instance's IMDS
+        throttle, which kubelet, the CNI and every other pod depend on."""
+        assert self._passthrough is not None
+        if not self._host_allowed(request):
+            return self._host_refused()
+        if not verdict.relay:
+            return self._blocked("passthrough_path", self._passthrough.refused(), route=verdict.route)
+        resolved = await self._caller(request)
+        if isinstance(resolved, Reply):
+            return resolved
+        return Reply(route=verdict.route, response=await self._passthrough.forward(request, verdict))
 
     def _rate_limit(self, context: RequestContext) -> Reply | None:
         if self._limiter is None or context.rate_key is None:

@@ -271,6 +271,7 @@ IMDS_MAX_TTL_S = 21600
 CREDENTIALS_LIFETIME_S = 3600
 _TOKEN_PATH = "/latest/api/token"
 _ROLE_PATH = "/latest/meta-data/iam/security-credentials"
+_IDENTITY_DOCUMENT_PATH = "/latest/dynamic/instance-identity/document"
 
 
 def _reply(status: int, body: str | dict[str, Any]) -> HttpResponse:
@@ -292,8 +293,11 @@ class FakeImds:
 
     Routes: ``PUT /latest/api/token`` (TTL header required) → session token;
     ``GET /latest/meta-data/placement/availability-zone`` and ``…/placement/region``;
-    ``GET /latest/meta-data/iam/security-credentials/`` → the role name; ``…/<role>`` → credentials.
-    Metadata GETs need a live ``x-aws-ec2-metadata-token`` (401 otherwise). Time from ``clock``.
+    ``GET /latest/meta-data/iam/security-credentials/`` → the role name; ``…/<role>`` → credentials;
+    ``GET /latest/dynamic/instance-identity/document`` → the instance identity document (JSON).
+    Metadata GETs need a live ``x-aws-ec2-metadata-token`` (401 otherwise). Any request carrying
+    ``X-Forwarded-For`` gets 403: IMDSv2 issues no token to, and refuses token-bearing requests
+    with, that header (AWS security blog on IMDSv2, 2019-11; kube2iam PR #279). Time from ``clock``.
     """
 
     def __init__(self, *, role_name: str, credentials: AwsKey, availability_zone: str = "us-east-1a",
@@ -309,6 +313,8 @@ class FakeImds:
     async def handle(self, request: HttpRequest) -> HttpResponse:
         self.requests.append(request)
         path = urlsplit(request.url).path
+        if get_header(request, "X-Forwarded-For") is not None:
+            return _reply(403, "Forbidden")
         if path == _TOKEN_PATH:
             return self._session_token(request)
         if request.method != "GET":
@@ -322,6 +328,8 @@ class FakeImds:
                    _ROLE_PATH: self.role_name}
         if path in answers:
             return _reply(200, answers[path])
+        if path == _IDENTITY_DOCUMENT_PATH:
+            return _reply(200, self.identity_document())
         if path == f"{_ROLE_PATH}/{self.role_name}":
             expiration = self._clock.now() + dt.timedelta(seconds=CREDENTIALS_LIFETIME_S)
             now = self._clock.now().strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -344,6 +352,15 @@ class FakeImds:
         if token is None:
             return not self.require_token
         return self._tokens.get(token, 0.0) > self._clock.monotonic()
+
+    def identity_document(self) -> dict[str, Any]:
+        """The instance identity document's fields SDKs read (EC2 user guide, "Instance identity
+        documents"); account and instance are moto's defaults."""
+        zone = self.availability_zone
+        return {"accountId": MOTO_ACCOUNT_ID, "architecture": "x86_64", "availabilityZone": zone,
+                "imageId": "ami-moto-virtual", "instanceId": "i-fake", "instanceType": "m5.large",
+                "privateIp": "169.254.30.1", "region": zone.rstrip("abcdefghijklmnopqrstuvwxyz"),
+                "version": "2017-09-30"}
 
     @property
     def session_tokens_issued(self) -> int:

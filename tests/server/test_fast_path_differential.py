@@ -270,7 +270,12 @@ def test_zz_both_servers_counted_the_same_requests(pair: Pair) -> None:
     exactly what the full handler counts (runs last in the module: ``zz``)."""
     fast, full = (_delta(counters(s), pair.counted_at_start[n]) for s, n in ((pair.fast, "fast"), (pair.full, "full")))
     assert fast == full
-    assert fast[("metaemu_requests_total", (("code", "200"), ("route", ROUTE_TOKEN)))] > 100
+    # The fixed corpus alone answers 49 (gke) and 51 (gce) token requests with 200. The generated
+    # share varies with the *set of modules loaded*, not only the seed: Hypothesis draws constants
+    # from every local module in sys.modules (hypothesis.internal.constants_ast), so a new module
+    # anywhere in the session changes the corpus (issue #11's passthrough modules took it from 100+
+    # to 77). Bound by what the fixed corpus guarantees.
+    assert fast[("metaemu_requests_total", (("code", "200"), ("route", ROUTE_TOKEN)))] > 40
     assert _served(pair) > 300  # and a good share of them were the fast path's
 
 
