@@ -14,8 +14,8 @@ A control API on loopback (inside that namespace), for what only the Google stan
     GET  /calls              requests the Google stand-in has answered, by endpoint
 
 ``python -m metaemu.testing.node_world --listen ADDR:PORT --control-port N --node NAME --kubeconfig F
---cluster-jwks F`` prints ``READY`` once metaemu is ready (watch synced, rules in place) and stops
-cleanly on SIGTERM.
+--cluster-jwks F [--passthrough aws --passthrough-address ADDR:PORT]`` prints ``READY`` once metaemu is
+ready (watch synced, rules in place) and stops cleanly on SIGTERM.
 
 With ``--google-port N`` instead of ``--listen`` it runs no metaemu: the Google stand-in serves on
 127.0.0.1:N (STS at ``/v1/token``, IAM Credentials under ``/v1``) for real ``metaemu serve``
@@ -48,7 +48,7 @@ from metaemu.testing.world import AUDIENCE, CLUSTER_ISSUER, PROJECT_ID, PROJECT_
 
 async def serve(*, listen: str, admin_listen: str, control_port: int, node_name: str, host_addresses: list[str],
                      intercept_pod_interfaces: list[str], kubeconfig: Path, cluster_jwks: dict[str, Any],
-                     audience: str, limits: dict[str, float] | None = None) -> None:
+                     audience: str, node_options: dict[str, Any] | None = None) -> None:
     """metaemu in node mode against a real API server (see the module docstring)."""
     google = _google(cluster_jwks, audience)
     synced_at: list[float] = []
@@ -56,7 +56,7 @@ async def serve(*, listen: str, admin_listen: str, control_port: int, node_name:
     raw = _config(listen=listen, admin_listen=admin_listen, node_name=node_name, audience=audience,
                   kubeconfig=kubeconfig, host_addresses=host_addresses,
                   intercept_pod_interfaces=intercept_pod_interfaces)
-    raw["node"].update(limits or {})
+    raw["node"].update(node_options or {})
     server = MetaemuServer(parse_config(raw, hostname=node_name, base_dir=kubeconfig.parent), http=google.client())
     try:
         await _run_until_stopped(server, lambda: synced_at.append(time.time()))
@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audience", default=AUDIENCE, help="the Workload Identity provider")
     p.add_argument("--rate-limit-per-second", type=float, help="node.rate_limit_per_second (default: the product's)")
     p.add_argument("--rate-limit-burst", type=int, help="node.rate_limit_burst (default: the product's)")
+    p.add_argument("--passthrough", action="append", default=[], help="node.passthrough (aws, azure; repeatable)")
+    p.add_argument("--passthrough-address", help="node.passthrough_address (default: the product's)")
     args = p.parse_args(argv)
     setup_logging("info")
     jwks = json.loads(args.cluster_jwks.read_text())
@@ -181,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.listen is None or args.kubeconfig is None:
         p.error("--listen and --kubeconfig are required without --google-port")
-    limits = {k: v for k, v in (("rate_limit_per_second", args.rate_limit_per_second),
-                                ("rate_limit_burst", args.rate_limit_burst)) if v is not None}
+    options: dict[str, Any] = {k: v for k, v in (("rate_limit_per_second", args.rate_limit_per_second),
+                                                 ("rate_limit_burst", args.rate_limit_burst),
+                                                 ("passthrough_address", args.passthrough_address)) if v is not None}
+    if args.passthrough:
+        options["passthrough"] = args.passthrough
     eventloop.run(serve(listen=args.listen, admin_listen=args.admin_listen, control_port=args.control_port,
                         node_name=args.node, host_addresses=args.host_address,
                         intercept_pod_interfaces=args.intercept_pod_interface, kubeconfig=args.kubeconfig,
                         cluster_jwks=jwks, audience=args.audience,
-                        limits=limits))
+                        node_options=options))
     return 0
 
 if __name__ == "__main__":

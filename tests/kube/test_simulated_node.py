@@ -12,6 +12,7 @@ SEC-14).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -19,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,16 @@ class Sim:
 
 @pytest.fixture
 def simnode(cluster: KubeCluster, tmp_path: Path) -> Iterator[Sim]:
+    with simulated_node(cluster, tmp_path) as sim:
+        yield sim
+
+
+@contextlib.contextmanager
+def simulated_node(cluster: KubeCluster, tmp_path: Path, *agent_args: str,
+                   cloud: Callable[[SimulatedNode], object] | None = None) -> Iterator[Sim]:
+    """A simulated node with the rules installed, three pods in the API and the agent ready
+    (``agent_args`` added to node_world's command line); ``cloud`` starts what the cloud namespace
+    serves once it exists, before the agent starts (tests/kube/test_passthrough_node.py's IMDS)."""
     name = unique("simnode")
     cluster.node(name, taints=[STARTUP_TAINT])
     token_file = tmp_path / "agent.token"
@@ -81,6 +92,8 @@ def simnode(cluster: KubeCluster, tmp_path: Path) -> Iterator[Sim]:
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps(cluster.jwks()))
     with SimulatedNode(pods=3) as node:
+        if cloud is not None:
+            cloud(node)
         apiserver = cluster.apiserver_in(node.exec_prefix(node.node_ns), node.node_ns)
         try:
             setup = node.run_in(node.node_ns, sys.executable, "-m", "metaemu", "node-setup", "--to", AGENT,
@@ -91,7 +104,7 @@ def simnode(cluster: KubeCluster, tmp_path: Path) -> Iterator[Sim]:
                                   "--control-port", str(CONTROL), "--host-address", NODE_IP, "--node", name,
                                   "--intercept-pod-interface", "vethpod+", "--kubeconfig", str(kubeconfig),
                                   "--cluster-jwks", str(jwks), "--audience", str(shipped_config()["node"]["audience"]),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                  *agent_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             try:
                 assert agent.stdout is not None
                 assert agent.stdout.readline().strip() == "READY", agent.stderr.read() if agent.stderr else ""
