@@ -110,6 +110,9 @@ class PodsByAddress:
     def ready(self) -> str | None:
         return None
 
+    async def warm(self) -> None:
+        return None
+
 
 @dataclass
 class Node:
