@@ -1,11 +1,13 @@
 """IAM Credentials v1: generateAccessToken and generateIdToken for an impersonated service account
-(upstream.md §2). Owns request bodies and response parsing; not caching or retries.
+(upstream.md §2), directly or through a delegation chain. Owns request bodies, the chain's resource
+names and response parsing; not caching or retries.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from metaemu.clock import Clock
@@ -16,6 +18,25 @@ from metaemu.transport import HttpRequest
 
 #: Google ID tokens from generateIdToken last one hour (gce-metadata.md T-07, P4).
 ID_TOKEN_LIFETIME_S = 3600
+#: How IAM Credentials names a delegate: "projects/-/serviceAccounts/{ACCOUNT_EMAIL_OR_UNIQUEID}";
+#: "the - wildcard character is required" (GenerateAccessTokenRequest.delegates, REST reference).
+DELEGATE_PREFIX = "projects/-/serviceAccounts/"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Impersonation:
+    """The account tokens are minted for and the delegation chain that reaches it: the caller's
+    token must grant Token Creator on ``delegates[0]``, each delegate on the next, and the last
+    on ``service_account`` (IAM checks every hop). ``delegates`` are emails or unique IDs."""
+
+    service_account: str
+    delegates: tuple[str, ...] = ()
+
+    @property
+    def delegate_names(self) -> list[str]:
+        """The chain as IAM takes it. gcloud writes bare emails and google-auth forwards them as
+        written; Go's impersonate package prefixes them, as the REST reference requires."""
+        return [d if d.startswith(DELEGATE_PREFIX) else DELEGATE_PREFIX + d for d in self.delegates]
 
 
 class IamCredentialsClient:
@@ -29,10 +50,12 @@ class IamCredentialsClient:
         return f"{self._base_url}/projects/-/serviceAccounts/{quote(email, safe='@')}:{method}"
 
     async def generate_access_token(
-        self, *, email: str, bearer: FederatedToken, scopes: Sequence[str], lifetime_s: int
+        self, *, email: str, bearer: FederatedToken, scopes: Sequence[str], lifetime_s: int,
+        delegates: Sequence[str] = (),
     ) -> AccessToken:
+        """``delegates``: the chain's resource names (``Impersonation.delegate_names``)."""
         url = self._url(email, "generateAccessToken")
-        payload = {"delegates": [], "scope": list(scopes), "lifetime": f"{lifetime_s}s"}
+        payload = {"delegates": list(delegates), "scope": list(scopes), "lifetime": f"{lifetime_s}s"}
         sent_at = self._clock.now()
         body = await self._caller.call_json(
             HttpRequest.json(url, payload, headers=_auth(bearer), timeout_s=self._timeout_s))
@@ -45,10 +68,11 @@ class IamCredentialsClient:
         return AccessToken(value=token, expiry=min(expiry, sent_at + dt.timedelta(seconds=lifetime_s)))
 
     async def generate_id_token(
-        self, *, email: str, bearer: FederatedToken, audience: str, include_email: bool
+        self, *, email: str, bearer: FederatedToken, audience: str, include_email: bool,
+        delegates: Sequence[str] = (),
     ) -> IdentityToken:
         url = self._url(email, "generateIdToken")
-        payload = {"delegates": [], "audience": audience, "includeEmail": include_email}
+        payload = {"delegates": list(delegates), "audience": audience, "includeEmail": include_email}
         sent_at = self._clock.now()
         body = await self._caller.call_json(
             HttpRequest.json(url, payload, headers=_auth(bearer), timeout_s=self._timeout_s))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from metaemu.credentials.impersonation import IamCredentialsClient
+from metaemu.credentials.impersonation import IamCredentialsClient, Impersonation
 from metaemu.credentials.sources import FederatedTokenProvider, SubjectTokenSource
 from metaemu.credentials.sts import StsClient
 from metaemu.credentials.tokens import AccessToken, FederatedToken, IdentityToken
@@ -28,6 +28,13 @@ class Identity:
     service_account: str | None
     default_scopes: tuple[str, ...]
     lifetime_s: int
+    #: The delegation chain to ``service_account`` (emails; an impersonated_service_account file's).
+    delegates: tuple[str, ...] = ()
+
+    @property
+    def chain(self) -> Impersonation | None:
+        sa = self.service_account
+        return Impersonation(service_account=sa, delegates=self.delegates) if sa is not None else None
 
 
 class Pipeline:
@@ -52,18 +59,19 @@ class Pipeline:
 
     async def access_token(self, scopes: Sequence[str], *, federated: FederatedToken) -> AccessToken:
         """The token served on ``…/token``: impersonated when configured, else the federated token."""
-        sa = self.identity.service_account
-        if sa is None:
+        chain = self.identity.chain
+        if chain is None:
             return AccessToken(value=federated.value, expiry=federated.expiry)
         return await self._iam.generate_access_token(
-            email=sa, bearer=federated, scopes=scopes or self.identity.default_scopes,
-            lifetime_s=self.identity.lifetime_s)
+            email=chain.service_account, bearer=federated, scopes=scopes or self.identity.default_scopes,
+            lifetime_s=self.identity.lifetime_s, delegates=chain.delegate_names)
 
     async def id_token(self, audience: str, *, include_email: bool, federated: FederatedToken) -> IdentityToken:
-        sa = self.identity.service_account
-        if sa is None:
+        chain = self.identity.chain
+        if chain is None:
             raise NotConfiguredError(
                 "Identity tokens need a Google service account to impersonate: set "
                 "workload_identity.service_account (GKE-06: a federated principal has no ID token).")
-        return await self._iam.generate_id_token(email=sa, bearer=federated, audience=audience,
-                                                 include_email=include_email)
+        # The delegates apply to ID tokens too (GenerateIdTokenRequest.delegates), as to access tokens.
+        return await self._iam.generate_id_token(email=chain.service_account, bearer=federated, audience=audience,
+                                                 include_email=include_email, delegates=chain.delegate_names)

@@ -9,7 +9,7 @@ from typing import Any
 import jwt
 import pytest
 
-from metaemu.credentials.impersonation import ID_TOKEN_LIFETIME_S, IamCredentialsClient
+from metaemu.credentials.impersonation import ID_TOKEN_LIFETIME_S, IamCredentialsClient, Impersonation
 from metaemu.credentials.sts import StsClient
 from metaemu.credentials.tokens import JWT_TOKEN_TYPE, FederatedToken, SubjectToken
 from metaemu.credentials.upstream import UpstreamCaller
@@ -291,3 +291,56 @@ async def test_iam_server_errors_and_throttling_are_retryable_and_counted_up07(
     err = caught.value
     assert (err.status, err.error_code, err.retryable, err.permanent) == (status, code, True, False)
     assert sample(metrics, "metaemu_upstream_errors_total", backend="iam", status=str(status)) == 1
+
+
+# -- delegation chains (issue #14: impersonated_service_account files) ---------------------------
+
+DELEGATE = f"hop@{SERVICE_ACCOUNT.split('@')[1]}"
+
+
+def test_delegates_become_the_resource_names_iam_requires_whichever_form_the_file_used() -> None:
+    chain = Impersonation(service_account=SERVICE_ACCOUNT, delegates=("a@p.iam.gserviceaccount.com",
+                                                                      "projects/-/serviceAccounts/b@p.test", "1234"))
+    assert chain.delegate_names == ["projects/-/serviceAccounts/a@p.iam.gserviceaccount.com",
+                                    "projects/-/serviceAccounts/b@p.test", "projects/-/serviceAccounts/1234"]
+
+
+@pytest.mark.parametrize("method", ["generateAccessToken", "generateIdToken"])
+async def test_both_iam_methods_send_the_delegation_chain_and_succeed_when_every_hop_is_granted(
+        world: World, clock: FakeClock, metrics: Metrics, method: str) -> None:
+    world.google.add_service_account(DELEGATE)
+    world.google.grant(DELEGATE, world.principal)  # caller -> hop
+    world.google.revoke(SERVICE_ACCOUNT, world.principal)
+    world.google.grant(SERVICE_ACCOUNT, f"serviceAccount:{DELEGATE}")  # hop -> target
+    bearer = await federated(world, clock, metrics)
+    client = iam_client(world.google.client(), clock=clock, metrics=metrics)
+    names = Impersonation(service_account=SERVICE_ACCOUNT, delegates=(DELEGATE,)).delegate_names
+    if method == "generateAccessToken":
+        await client.generate_access_token(email=SERVICE_ACCOUNT, bearer=bearer, scopes=[CLOUD_SCOPE],
+                                           lifetime_s=3600, delegates=names)
+    else:
+        await client.generate_id_token(email=SERVICE_ACCOUNT, bearer=bearer, audience=TARGET_AUDIENCE,
+                                       include_email=True, delegates=names)
+    request = only_iam_request(world)
+    assert request.endpoint == method
+    assert request.json["delegates"] == [f"projects/-/serviceAccounts/{DELEGATE}"]
+
+
+@pytest.mark.parametrize("missing", ["caller->hop", "hop->target"])
+async def test_a_missing_token_creator_binding_on_any_hop_is_iams_exact_permanent_403(
+        world: World, clock: FakeClock, metrics: Metrics, missing: str) -> None:
+    world.google.add_service_account(DELEGATE)
+    world.google.revoke(SERVICE_ACCOUNT, world.principal)
+    if missing != "caller->hop":
+        world.google.grant(DELEGATE, world.principal)
+    if missing != "hop->target":
+        world.google.grant(SERVICE_ACCOUNT, f"serviceAccount:{DELEGATE}")
+    bearer = await federated(world, clock, metrics)
+    with pytest.raises(UpstreamError) as caught:
+        await iam_client(world.google.client(), clock=clock, metrics=metrics).generate_access_token(
+            email=SERVICE_ACCOUNT, bearer=bearer, scopes=[CLOUD_SCOPE], lifetime_s=3600,
+            delegates=[f"projects/-/serviceAccounts/{DELEGATE}"])
+    err = caught.value
+    assert (err.status, err.error_code, err.permanent) == (403, "PERMISSION_DENIED", True)
+    assert err.body["error"]["message"] == ("Permission 'iam.serviceAccounts.getAccessToken' denied on resource "
+                                            "(or it may not exist).")
