@@ -1,14 +1,19 @@
 """``FakeOAuthUser``: Google's OAuth 2.0 token endpoint (``POST https://oauth2.googleapis.com/token``)
-for the refresh-token grant that a gcloud ``authorized_user`` ADC file drives (RFC 6749 §6).
+for the refresh-token grant that a gcloud ``authorized_user`` ADC file drives (RFC 6749 §6), and the
+authorization-code grant (§4.1.3) that ends ``gcloud auth application-default login``, so gcloud
+itself can write ADC files against it (``CLOUDSDK_AUTH_TOKEN_HOST``).
 
 Owns OAuth clients (id and secret), users' logins (refresh tokens with the scopes consented) and
-their revocation, the checks Google makes (grant type, client authentication in the body or HTTP
-Basic, refresh token, requested scopes within the consented ones), Google's RFC 6749 error bodies,
-and fault injection. An access token it issues is registered with ``FakeGoogle`` as the caller
-``user:EMAIL``, so IAM Credentials accepts it from a user granted Token Creator
-(``google.grant(SA, "user:EMAIL")``) and ``FakeGoogle.token_info`` recognises it.
+their revocation, pending authorization codes (single use, bound to a client), the checks Google
+makes (grant type, client authentication in the body or HTTP Basic, refresh token or code,
+requested scopes within the consented ones), Google's RFC 6749 error bodies, and fault injection.
+PKCE is not verified: the ``code_challenge`` travels in the browser leg, which no test drives.
+An access token it issues is registered with ``FakeGoogle`` as the caller ``user:EMAIL``, so IAM
+Credentials accepts it from a user granted Token Creator (``google.grant(SA, "user:EMAIL")``) and
+``FakeGoogle.token_info`` recognises it.
 
-Not owned here: the authorization-code flow and consent screen (a login is ``login()``).
+Not owned here: the browser leg and consent screen (a login is ``login()`` or
+``authorization_code()``).
 """
 
 from __future__ import annotations
@@ -69,13 +74,14 @@ class FakeOAuthUser:
         self.forms: list[Mapping[str, str]] = []
         self._clients: dict[str, OAuthClient] = {}
         self._logins: dict[str, _Login] = {}
+        self._codes: dict[str, _Login] = {}
         self._faults = FaultInjector()
 
     # -- registry -------------------------------------------------------------------------------
 
-    def add_client(self, client_id: str | None = None) -> OAuthClient:
+    def add_client(self, client_id: str | None = None, *, secret: str | None = None) -> OAuthClient:
         client = OAuthClient(client_id=client_id or f"{secrets.randbelow(10**12)}-fake.apps.googleusercontent.com",
-                             client_secret=f"GOCSPX-{secrets.token_urlsafe(24)}")
+                             client_secret=secret or f"GOCSPX-{secrets.token_urlsafe(24)}")
         self._clients[client.client_id] = client
         return client
 
@@ -84,6 +90,13 @@ class FakeOAuthUser:
         refresh_token = f"1//{secrets.token_urlsafe(48)}"
         self._logins[refresh_token] = _Login(email=email, client_id=client.client_id, scopes=tuple(scopes))
         return refresh_token
+
+    def authorization_code(self, email: str, *, client: OAuthClient,
+                           scopes: Sequence[str] = GCLOUD_ADC_SCOPES) -> str:
+        """What the consent screen hands the user to paste into gcloud: one code for one login."""
+        code = f"4/{secrets.token_urlsafe(32)}"
+        self._codes[code] = _Login(email=email, client_id=client.client_id, scopes=tuple(scopes))
+        return code
 
     def revoke(self, refresh_token: str) -> None:
         """As the user removing access (or an admin session-control policy): ``invalid_grant`` next."""
@@ -131,14 +144,17 @@ class FakeOAuthUser:
             return injected
         if content_type != "application/x-www-form-urlencoded":
             return oauth_error("invalid_request", "Content type must be application/x-www-form-urlencoded.")
-        if form.get("grant_type") != "refresh_token":
+        grant = form.get("grant_type")
+        if grant not in ("refresh_token", "authorization_code"):
             return oauth_error("unsupported_grant_type", f"Invalid grant_type: {form.get('grant_type', '')}")
-        client_id, client_secret = _client_credentials(request, form)
+        client_id, client_secret = client_credentials(request, form)
         client = self._clients.get(client_id or "")
         if client is None:
             return oauth_error("invalid_client", "The OAuth client was not found.", status=401)
         if not secrets.compare_digest(client.client_secret, client_secret or ""):
             return oauth_error("invalid_client", "Unauthorized", status=401)
+        if grant == "authorization_code":
+            return self._redeem(form, client)
         if not form.get("refresh_token"):
             return oauth_error("invalid_request", "Missing required parameter: refresh_token")
         login = self._logins.get(form["refresh_token"])
@@ -154,6 +170,21 @@ class FakeOAuthUser:
         return json_response(200, {"access_token": token, "expires_in": REPORTED_EXPIRES_IN_S,
                                    "scope": " ".join(requested), "token_type": "Bearer"})
 
+    def _redeem(self, form: Mapping[str, str], client: OAuthClient) -> HttpResponse:
+        """RFC 6749 §4.1.3: a code from ``authorization_code`` (once, by its client) for a login."""
+        for name in ("code", "redirect_uri"):
+            if not form.get(name):
+                return oauth_error("invalid_request", f"Missing required parameter: {name}")
+        login = self._codes.pop(form["code"], None)
+        if login is None or login.client_id != client.client_id:
+            return oauth_error("invalid_grant", "Malformed auth code.")
+        refresh_token = self.login(login.email, client=client, scopes=login.scopes)
+        token = issue_user_token(self._google, email=login.email, scopes=login.scopes,
+                                 expiry=self.clock.now() + dt.timedelta(seconds=ACCESS_TOKEN_LIFETIME_S))
+        return json_response(200, {"access_token": token, "expires_in": REPORTED_EXPIRES_IN_S,
+                                   "refresh_token": refresh_token, "scope": " ".join(login.scopes),
+                                   "token_type": "Bearer"})
+
     def client(self) -> InProcessClient:
         return InProcessClient(self.handle)
 
@@ -167,7 +198,7 @@ def issue_user_token(google: FakeGoogle, *, email: str, scopes: Sequence[str], e
                                      prefix=USER_TOKEN_PREFIX)
 
 
-def _client_credentials(request: HttpRequest, form: Mapping[str, str]) -> tuple[str | None, str | None]:
+def client_credentials(request: HttpRequest, form: Mapping[str, str]) -> tuple[str | None, str | None]:
     """client_secret_post (what google-auth sends) or client_secret_basic (RFC 6749 §2.3.1)."""
     scheme, _, encoded = (get_header(request, "Authorization") or "").partition(" ")
     if scheme.lower() == "basic" and encoded:
