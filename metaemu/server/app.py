@@ -20,12 +20,13 @@ from aiohttp import web
 from metaemu.cache.credentials import CachedCredentials
 from metaemu.cache.refresher import Refresher
 from metaemu.clock import Clock
-from metaemu.config import Config
-from metaemu.credentials.impersonation import IamCredentialsClient
+from metaemu.config import Config, WorkloadIdentity
+from metaemu.credentials.impersonation import IamCredentialsClient, Impersonation
 from metaemu.credentials.pipeline import Identity, Pipeline
-from metaemu.credentials.sources import SourceContext, build_source
+from metaemu.credentials.sources import DeclaresImpersonation, SourceContext, SubjectTokenSource, build_source
 from metaemu.credentials.sts import StsClient
 from metaemu.credentials.upstream import UpstreamCaller
+from metaemu.errors import ConfigError
 from metaemu.metrics import Metrics
 from metaemu.pods.agent import NodeAgent
 from metaemu.pods.kube_client import KubeConnection
@@ -94,14 +95,17 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
     else:
         wi = config.workload_identity
         assert wi is not None
+        source = build_source(wi.source, SourceContext(clock=clock, http=http, metrics=metrics, audience=wi.audience,
+                                                       service_account=wi.service_account))
+        chain = _impersonation(wi, source)
         pipeline = Pipeline(
-            identity=Identity(audience=wi.audience, service_account=wi.service_account,
-                              default_scopes=wi.scopes, lifetime_s=wi.token_lifetime_seconds),
-            source=build_source(wi.source, SourceContext(clock=clock, http=http, metrics=metrics,
-                                                         audience=wi.audience, service_account=wi.service_account)),
-            sts=sts, iam=iam)
+            identity=Identity(audience=wi.audience, service_account=chain.service_account if chain else None,
+                              delegates=chain.delegates if chain else (), default_scopes=wi.scopes,
+                              lifetime_s=wi.token_lifetime_seconds),
+            source=source, sts=sts, iam=iam)
         credentials = CachedCredentials(pipeline=pipeline, clock=clock, metrics=metrics, refresher=refresher)
-        contexts = SidecarContext(RequestContext(index=index_tree(build_tree(config)), credentials=credentials))
+        tree = build_tree(config, email=chain.service_account if chain else None)
+        contexts = SidecarContext(RequestContext(index=index_tree(tree), credentials=credentials))
     listen = str(config.listen)
     hosts = HostAllowList([*DEFAULT_ALLOWED_HOSTS, *config.allowed_hosts, config.listen.host,
                            listen, listen.replace("0.0.0.0", "127.0.0.1")])
@@ -114,6 +118,19 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
                            at_capacity=handler.at_capacity)
     return Components(config=config, metrics=metrics, contexts=contexts, refresher=refresher, handler=handler,
                       fast=fast, passthrough=passthrough)
+
+
+def _impersonation(wi: WorkloadIdentity, source: SubjectTokenSource) -> Impersonation | None:
+    """Whom sidecar mode impersonates: the chain the source's credentials name (an
+    impersonated_service_account file, #14), else ``workload_identity.service_account``."""
+    declared = source.impersonation() if isinstance(source, DeclaresImpersonation) else None
+    if declared is None:
+        return Impersonation(service_account=wi.service_account) if wi.service_account else None
+    if wi.service_account not in (None, declared.service_account):
+        raise ConfigError("workload_identity.service_account",
+                          f"the credentials file already impersonates {declared.service_account}; "
+                          "drop this setting (or make it the same account)")
+    return declared
 
 
 def create_metadata_app(components: Components) -> web.Application:

@@ -117,7 +117,9 @@ def credential_error_text(exc: CredentialError, what: str) -> str:
         hint = ""
         if exc.service == "iam" and exc.status == 403:
             hint = ("\nThis error could be caused by a missing IAM policy binding on the target IAM service "
-                    "account (roles/iam.workloadIdentityUser for the federated principal).")
+                    "account (roles/iam.workloadIdentityUser for the federated principal), or, for a user "
+                    "login or along a delegation chain, a missing roles/iam.serviceAccountTokenCreator "
+                    "on the next service account in the chain.")
         elif exc.service == "sts":
             hint = ("\nCheck the workload identity pool provider: its issuer, allowed audiences and attribute "
                     "conditions must accept this workload's token.")

@@ -127,7 +127,13 @@ class MetaemuServer:
         self._listening = True
         log.info("serving", extra={"listen": str(self.metadata_address), "admin_listen": str(self.admin_address),
                                    "profile": self.config.profile, "mode": self.config.mode, "event_loop": loop_name(),
-                                   "email": self.config.email if self.config.mode == "sidecar" else None})
+                                   "email": self._served_email()})
+
+    def _served_email(self) -> str | None:
+        """Sidecar mode's account: the impersonated one, which a credentials file may name (#14)."""
+        if self.config.mode != "sidecar":
+            return None
+        return self.components.credentials.service_account or self.config.email
 
     def _ready(self) -> str | None:
         # Not before our own listener exists: the self-probe would reach the agent we replace.

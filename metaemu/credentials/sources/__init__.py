@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from metaemu.clock import Clock
+from metaemu.credentials.impersonation import Impersonation
 from metaemu.credentials.sources.config import FileSourceConfig, KubernetesSourceConfig, SourceConfig, source_module
 from metaemu.credentials.tokens import FederatedToken, SubjectToken
 from metaemu.metrics import Metrics
@@ -32,6 +33,16 @@ class FederatedTokenProvider(Protocol):
 
     async def federated_token(self) -> FederatedToken:
         """A fresh Google access token; raises ``CredentialError``."""
+
+
+@runtime_checkable
+class DeclaresImpersonation(Protocol):
+    """A source whose credentials name the service account they act as (the ``google`` kind with an
+    ``impersonated_service_account`` file): assembly impersonates that account, through its
+    delegates, where it would impersonate ``workload_identity.service_account``."""
+
+    def impersonation(self) -> Impersonation | None:
+        """The chain, fixed for the source's lifetime; None when the credentials name none."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

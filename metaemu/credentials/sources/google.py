@@ -1,23 +1,32 @@
 """The ``google`` source: a developer's own Google credentials (application default credentials).
 
-For local development: gcloud's ``authorized_user`` ADC file (``gcloud auth application-default
-login``) or a service-account key. Unlike every other kind this one does not produce a subject token
+For local development: every file gcloud writes for ADC (``google_adc.SUPPORTED_TYPES``): a user
+login (``authorized_user``), a service-account key, a workforce identity federation login
+(``external_account_authorized_user``: an STS refresh token), or an ``impersonated_service_account``
+file wrapping one of those three. Unlike every other kind this one does not produce a subject token
 for STS: its credential *is* a Google access token, so ``GoogleSource`` also implements
 ``federated_token()`` and the pipeline uses that token where it would use the STS one: served as is
-without ``service_account``, or as the bearer for generateAccessToken / generateIdToken with it.
+without a service account, or as the bearer for generateAccessToken / generateIdToken with one.
+
+An impersonated file's chain (target and delegates) is read once, at assembly, and offered through
+``impersonation()``: the pipeline impersonates that account through metaemu's own IAM Credentials
+client (so ``endpoints.iam_credentials``, the caller's scopes and generateIdToken all apply; the
+URL's host in the file is not used) and serves its email. A refresh that finds another chain in the
+file refuses (restart to serve the new account); the refresh itself is of the inner credentials.
 
 google-auth does the OAuth refresh, in a worker thread (its transport is blocking ``requests``),
 with its own ``Credentials`` object built per refresh, so concurrent refreshes share nothing. Failures
 become ``UpstreamError`` (service ``oauth``) carrying the token endpoint's status and error body, or
 ``SourceError`` when the file is missing or unusable.
 
-Not owned here: caching and refresh scheduling (``metaemu.cache``), impersonation
-(``impersonation.py``).
+Not owned here: reading and classifying the file (``google_adc``), caching and refresh scheduling
+(``metaemu.cache``), impersonation (``impersonation.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -29,10 +38,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import google.auth.exceptions
+import google.auth.external_account_authorized_user
 import google.oauth2.credentials
 import google.oauth2.service_account
 import requests
 
+from metaemu.credentials.impersonation import Impersonation
+from metaemu.credentials.sources.google_adc import AdcFile, read_adc
 from metaemu.credentials.tokens import ACCESS_TOKEN_TYPE, FederatedToken, SubjectToken
 from metaemu.errors import ConfigError, CredentialError, SourceError, UpstreamError
 from metaemu.metrics import Metrics
@@ -52,13 +64,10 @@ TOKEN_ENDPOINT_TIMEOUT_S = DEFAULT_TIMEOUT_S
 DEFAULT_LIFETIME_S = 3600
 #: Google access tokens last at most 12 h; a longer ``expires_in`` is garbage (as sts.MAX_EXPIRES_IN_S).
 MAX_LIFETIME_S = 12 * 3600
-#: An ADC file is ~2 KiB (a service-account key with its PEM); anything far larger is refused unread.
-MAX_CREDENTIALS_FILE_BYTES = 64 * 1024
 #: The ``backend`` label of upstream metrics for the OAuth token endpoint.
 BACKEND = "oauth"
 #: gcloud writes ADC here (``CLOUDSDK_CONFIG`` overrides the directory), as google-auth looks it up.
 GCLOUD_ADC_FILENAME = "application_default_credentials.json"
-_SUPPORTED_TYPES = ("authorized_user", "service_account")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,7 +105,15 @@ def build(config: GoogleSourceConfig, context: SourceContext) -> GoogleSource:
     # the file itself is re-read at every refresh (gcloud rewrites it on login).
     path = config.credentials_file or adc_path(os.environ)
     return GoogleSource(path=path, quota_project=config.quota_project, token_url=config.token_url,
-                        clock=context.clock, metrics=context.metrics)
+                        clock=context.clock, metrics=context.metrics, impersonation=declared_impersonation(path))
+
+
+def declared_impersonation(path: Path) -> Impersonation | None:
+    """The chain an impersonated_service_account file at ``path`` names; None for any other file,
+    and when it cannot be read now (the first refresh reports why)."""
+    with contextlib.suppress(SourceError):
+        return read_adc(path).impersonation
+    return None
 
 
 def adc_path(environ: Mapping[str, str]) -> Path:
@@ -112,18 +129,24 @@ def adc_path(environ: Mapping[str, str]) -> Path:
 
 
 class GoogleSource:
-    """Application default credentials as a source: ``federated_token()`` is the ADC access token;
-    ``fetch()`` offers the same token as an RFC 8693 ``access_token`` subject token."""
+    """Application default credentials as a source: ``federated_token()`` is the ADC access token
+    (an impersonated file's source credentials' token); ``fetch()`` offers the same token as an RFC
+    8693 ``access_token`` subject token; ``impersonation()`` the chain an impersonated file names."""
 
     kind = "google"
 
     def __init__(self, *, path: Path, quota_project: str | None, token_url: str | None, clock: Clock,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, impersonation: Impersonation | None = None) -> None:
         self._path = path
         self._quota_project = quota_project
         self._token_url = token_url
         self._clock = clock
         self._metrics = metrics
+        self._impersonation = impersonation
+
+    def impersonation(self) -> Impersonation | None:
+        """The account (and delegates) the file impersonates, as read at assembly."""
+        return self._impersonation
 
     async def fetch(self) -> SubjectToken:
         token = await self.federated_token()
@@ -157,8 +180,13 @@ class GoogleSource:
         except google.auth.exceptions.TransportError as exc:
             raise UpstreamError(service=BACKEND, url=request.url or "token endpoint", status=0,
                                 body=_cause(exc), retryable=True, message=_cause(exc)) from exc
-        except google.auth.exceptions.RefreshError as exc:
+        except (google.auth.exceptions.RefreshError, google.auth.exceptions.OAuthError) as exc:
+            # OAuthError: google-auth's STS client (external_account_authorized_user) on a non-200.
             raise _refresh_failure(exc, request, self._path) from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            # google-auth's STS client parses a 200 without checking it (json.loads, expires_in).
+            raise SourceError(f"the token endpoint for {self._path} answered 200 with a malformed token "
+                              f"response ({type(exc).__name__})") from None
         finally:
             request.close()
         token = credentials.token
@@ -170,28 +198,43 @@ class GoogleSource:
         return token, aware, _expires_in_s(request.body), quota if isinstance(quota, str) and quota else None
 
     def _load(self) -> Any:
-        info = _read_json(self._path)
-        kind = info.get("type")
+        adc = read_adc(self._path)
+        if adc.impersonation != self._impersonation:
+            raise SourceError(
+                f"{self._path} now impersonates {_describe(adc.impersonation)}, but metaemu serves "
+                f"{_describe(self._impersonation)} as read at start: restart it to serve the new account",
+                permanent=True)
         try:
-            if kind == "authorized_user":
-                credentials = google.oauth2.credentials.Credentials.from_authorized_user_info(  # type: ignore[no-untyped-call]
-                    info, scopes=[CLOUD_PLATFORM_SCOPE])
-            elif kind == "service_account":
-                credentials = google.oauth2.service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
-                    info, scopes=[CLOUD_PLATFORM_SCOPE])
-            else:
-                raise SourceError(
-                    f"{self._path} holds credentials of type {kind!r}; the google source takes "
-                    f"{' or '.join(_SUPPORTED_TYPES)} (for an external_account file use --credential-config; "
-                    "to impersonate, set workload_identity.service_account)", permanent=True)
-        except (ValueError, KeyError) as exc:  # google-auth's "not in the expected format"
-            raise SourceError(f"{self._path} is not a usable {kind} credentials file: {exc}",
+            credentials = _credentials(adc)
+        except (ValueError, KeyError, google.auth.exceptions.InvalidOperation) as exc:
+            # google-auth's "not in the expected format" / "missing fields to refresh"
+            raise SourceError(f"{self._path} is not a usable {adc.kind} credentials file: {exc}",
                               permanent=True) from None
         if self._quota_project:
             credentials = credentials.with_quota_project(self._quota_project)
         if self._token_url:
             credentials = credentials.with_token_uri(self._token_url)
         return credentials
+
+
+def _credentials(adc: AdcFile) -> Any:
+    """google-auth's credentials for ``adc``'s refreshable part, as ``google.auth.default`` would
+    build them, asking a user or key for cloud-platform (what IAM Credentials accepts)."""
+    if adc.kind == "authorized_user":
+        return google.oauth2.credentials.Credentials.from_authorized_user_info(  # type: ignore[no-untyped-call]
+            adc.info, scopes=[CLOUD_PLATFORM_SCOPE])
+    if adc.kind == "service_account":
+        return google.oauth2.service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
+            adc.info, scopes=[CLOUD_PLATFORM_SCOPE])
+    # external_account_authorized_user: the STS refresh grant carries no scope; the login's apply.
+    return google.auth.external_account_authorized_user.Credentials.from_info(adc.info)  # type: ignore[no-untyped-call]
+
+
+def _describe(chain: Impersonation | None) -> str:
+    if chain is None:
+        return "no service account"
+    via = f" via {', '.join(chain.delegates)}" if chain.delegates else ""
+    return f"{chain.service_account}{via}"
 
 
 class _MeteredRequest:
@@ -272,24 +315,3 @@ def _expires_in_s(body: bytes) -> int | None:
 def _cause(exc: BaseException) -> str:
     cause = exc.__cause__ or exc
     return f"{type(cause).__name__}: {cause}"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_CREDENTIALS_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise SourceError(f"no Google credentials at {path}: run `gcloud auth application-default login`, "
-                          "or set workload_identity.source.credentials_file or GOOGLE_APPLICATION_CREDENTIALS",
-                          permanent=True) from None
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}", permanent=True) from None
-    if len(data) > MAX_CREDENTIALS_FILE_BYTES:
-        raise SourceError(f"{path} is larger than {MAX_CREDENTIALS_FILE_BYTES} bytes", permanent=True)
-    try:
-        info = json.loads(data)
-    except ValueError:
-        raise SourceError(f"{path} is not JSON", permanent=True) from None
-    if not isinstance(info, dict):
-        raise SourceError(f"{path} does not hold a JSON object", permanent=True)
-    return info
