@@ -383,3 +383,31 @@ def test_build_reads_the_chain_once_at_assembly(tmp_path: Path, refresh_token: s
     path.unlink()
     assert source.impersonation() == Impersonation(service_account=TARGET, delegates=(DELEGATE,))
     assert build(GoogleSourceConfig(credentials_file=path), context).impersonation() is None
+
+
+@pytest.mark.parametrize(("in_file", "configured", "expected"), [
+    (None, None, None), ("wf-billing", None, "wf-billing"), ("wf-billing", "override", "override")])
+async def test_a_workforce_logins_quota_project_is_billed_on_iam_calls(
+        world: World, tmp_path: Path, workforce_login: str, sts_base: str, in_file: str | None,
+        configured: str | None, expected: str | None) -> None:
+    info = with_workforce_endpoint(gcloud_written("external_account_authorized_user"), base_url=sts_base,
+                                   refresh_token=workforce_login)
+    if in_file:
+        info["quota_project_id"] = in_file  # gcloud auth application-default set-quota-project
+    adc = write(tmp_path, info)
+    world.google.grant(TARGET, workforce_principal(WORKFORCE_AUDIENCE, WORKFORCE_SUBJECT))
+    source: dict[str, Any] = {"type": "google", "credentials_file": str(adc)}
+    if configured:
+        source["quota_project"] = configured
+    raw = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "project_id": PROJECT_ID,
+           "numeric_project_id": PROJECT_NUMBER, "workload_identity": {"source": source, "service_account": TARGET},
+           "endpoints": {"sts": "http://sts.googleapis.test/v1/token", "iam_credentials": "http://iamcredentials.test/v1"}}
+    async with MetaemuServer(parse_config(raw, hostname="laptop", base_dir=tmp_path),
+                             http=world.google.client()) as server:
+        mds = Mds(server.metadata_url)
+        try:
+            assert (await mds.get(SA_PATH + "token")).status == 200
+        finally:
+            await mds.close()
+    (call, *_) = [r for r in world.google.requests if r.endpoint == "generateAccessToken"]
+    assert {k.lower(): v for k, v in call.headers.items()}.get("x-goog-user-project") == expected
