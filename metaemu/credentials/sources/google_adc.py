@@ -82,7 +82,10 @@ def parse_adc(info: Mapping[str, Any], path: Path) -> AdcFile:
 
 def _impersonation(info: Mapping[str, Any], path: Path) -> Impersonation:
     url = info.get("service_account_impersonation_url")
-    match = _TARGET_PATH.search(urlsplit(url).path) if isinstance(url, str) else None
+    try:
+        match = _TARGET_PATH.search(urlsplit(url).path) if isinstance(url, str) else None
+    except ValueError:  # urlsplit: e.g. an unclosed IPv6 bracket
+        match = None
     if match is None:
         raise SourceError(f"{path}: service_account_impersonation_url {url!r} is not "
                           "https://HOST/v1/projects/-/serviceAccounts/EMAIL:generateAccessToken", permanent=True)

@@ -18,11 +18,14 @@ from typing import Any
 
 import jwt
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
+from metaemu.clock import SystemClock
 from metaemu.config import parse_config
 from metaemu.credentials.impersonation import Impersonation
-from metaemu.credentials.sources.google import GoogleSource, build, declared_impersonation
+from metaemu.credentials.sources import SourceContext
+from metaemu.credentials.sources.google import GoogleSource, GoogleSourceConfig, build, declared_impersonation
 from metaemu.credentials.sources.google_adc import parse_adc
 from metaemu.errors import ConfigError, SourceError, UpstreamError
 from metaemu.metrics import create_metrics
@@ -118,7 +121,6 @@ def impersonated_file(tmp_path: Path, refresh_token: str) -> Path:
 
 
 def source_for(path: Path, token_url: str | None = None) -> GoogleSource:
-    from metaemu.clock import SystemClock
     return GoogleSource(path=path, quota_project=None, token_url=token_url, clock=SystemClock(),
                         metrics=create_metrics(), impersonation=declared_impersonation(path))
 
@@ -144,11 +146,13 @@ def test_the_workforce_file_gcloud_wrote_is_refreshable_as_it_is() -> None:
 
 @pytest.mark.parametrize(("change", "words"), [
     ({"service_account_impersonation_url": "https://iamcredentials.googleapis.com/v1/x"}, "is not https://"),
+    ({"service_account_impersonation_url": "https://[::1/v1/projects/-/serviceAccounts/a:generateAccessToken"},
+     "is not https://"),
     ({"delegates": ["projects/my-project/serviceAccounts/d1@p.iam.gserviceaccount.com"]}, "the - wildcard"),
     ({"delegates": "d1@p.iam.gserviceaccount.com"}, "must be a list"),
     ({"source_credentials": {"type": "external_account"}}, "not 'external_account'"),
     ({"source_credentials": None}, "without source_credentials"),
-], ids=["url", "delegate-project", "delegates-string", "source-type", "no-source"])
+], ids=["url", "url-unparsable", "delegate-project", "delegates-string", "source-type", "no-source"])
 def test_unusable_impersonated_files_are_permanent_source_errors(change: dict[str, Any], words: str) -> None:
     with pytest.raises(SourceError) as caught:
         parse_adc(gcloud_written("impersonated_service_account") | change, Path("adc.json"))
@@ -373,9 +377,6 @@ async def test_a_configured_service_account_other_than_the_files_target_is_a_con
 
 
 def test_build_reads_the_chain_once_at_assembly(tmp_path: Path, refresh_token: str) -> None:
-    from metaemu.clock import SystemClock
-    from metaemu.credentials.sources import SourceContext
-    from metaemu.credentials.sources.google import GoogleSourceConfig
     path = impersonated_file(tmp_path, refresh_token)
     context = SourceContext(clock=SystemClock(), http=None, metrics=create_metrics(),  # type: ignore[arg-type]
                             audience="")
@@ -411,3 +412,18 @@ async def test_a_workforce_logins_quota_project_is_billed_on_iam_calls(
             await mds.close()
     (call, *_) = [r for r in world.google.requests if r.endpoint == "generateAccessToken"]
     assert {k.lower(): v for k, v in call.headers.items()}.get("x-goog-user-project") == expected
+
+
+async def test_a_malformed_200_from_the_workforce_token_endpoint_is_a_transient_source_error(
+        tmp_path: Path) -> None:
+    async def no_expiry(_: web.Request) -> web.Response:
+        return web.json_response({"access_token": "ya29.x", "token_type": "Bearer"})  # no expires_in
+
+    app = web.Application()
+    app.router.add_post("/v1/oauthtoken", no_expiry)
+    async with serve(app) as base:
+        info = with_workforce_endpoint(gcloud_written("external_account_authorized_user"), base_url=base,
+                                       refresh_token="wf-rt-any")
+        with pytest.raises(SourceError) as caught:
+            await source_for(write(tmp_path, info)).federated_token()
+    assert not caught.value.permanent and "malformed token response" in caught.value.reason
