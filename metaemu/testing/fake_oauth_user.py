@@ -1,7 +1,10 @@
 """``FakeOAuthUser``: Google's OAuth 2.0 token endpoint (``POST https://oauth2.googleapis.com/token``)
-for the refresh-token grant that a gcloud ``authorized_user`` ADC file drives (RFC 6749 §6), and the
+for the refresh-token grant that a gcloud ``authorized_user`` ADC file drives (RFC 6749 §6), the
 authorization-code grant (§4.1.3) that ends ``gcloud auth application-default login``, so gcloud
-itself can write ADC files against it (``CLOUDSDK_AUTH_TOKEN_HOST``).
+itself can write ADC files against it (``CLOUDSDK_AUTH_TOKEN_HOST``), and the JWT-bearer grant
+(RFC 7523) a service-account key signs (``service_account_key``): RS256 by the key named in ``kid``,
+``iss`` the account, ``aud`` Google's token URL whatever the key's ``token_uri`` (google-auth signs
+``_GOOGLE_OAUTH2_TOKEN_ENDPOINT``), at most an hour from ``iat`` to ``exp``, a ``scope``.
 
 Owns OAuth clients (id and secret), users' logins (refresh tokens with the scopes consented) and
 their revocation, pending authorization codes (single use, bound to a client), the checks Google
@@ -29,11 +32,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import jwt
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from metaemu.clock import Clock
 from metaemu.testing.fake_google import FakeGoogle
 from metaemu.testing.fake_google_errors import json_response, oauth_error, rpc_error
+from metaemu.testing.fake_google_tokens import new_rsa_key
 from metaemu.testing.faults import FaultInjector
 from metaemu.testing.inprocess import InProcessClient, get_header, handler_app
 from metaemu.transport import HttpRequest, HttpResponse
@@ -48,6 +55,15 @@ ACCESS_TOKEN_LIFETIME_S = 3600
 REPORTED_EXPIRES_IN_S = 3599
 USER_TOKEN_PREFIX = "ya29.user-"
 REVOKED = "Token has been expired or revoked."
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+#: The audience a key's assertion must name (google-auth's ``_GOOGLE_OAUTH2_TOKEN_ENDPOINT``).
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+#: Google refuses assertions that live longer than an hour ("must be a short-lived token").
+MAX_ASSERTION_LIFETIME_S = 3600
+#: Leeway on ``iat``/``exp``, as the fake STS's (``fake_google_jwt.CLOCK_SKEW_S``).
+CLOCK_SKEW_S = 10
+SHORT_LIVED = ("Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. "
+               "Check your iat and exp values in the JWT claim.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +91,7 @@ class FakeOAuthUser:
         self._clients: dict[str, OAuthClient] = {}
         self._logins: dict[str, _Login] = {}
         self._codes: dict[str, _Login] = {}
+        self._keys: dict[tuple[str, str], rsa.RSAPublicKey] = {}
         self._faults = FaultInjector()
 
     # -- registry -------------------------------------------------------------------------------
@@ -97,6 +114,18 @@ class FakeOAuthUser:
         code = f"4/{secrets.token_urlsafe(32)}"
         self._codes[code] = _Login(email=email, client_id=client.client_id, scopes=tuple(scopes))
         return code
+
+    def service_account_key(self, email: str, *, token_uri: str = GOOGLE_TOKEN_URI) -> dict[str, Any]:
+        """A new key for ``email`` as ``gcloud iam service-accounts keys create`` writes it; this
+        endpoint then accepts its assertions as the caller ``serviceAccount:EMAIL``."""
+        key, key_id = new_rsa_key(), secrets.token_hex(20)
+        self._keys[(email, key_id)] = key.public_key()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+        return {"type": "service_account", "project_id": email.split("@")[-1].split(".")[0],
+                "private_key_id": key_id, "private_key": pem, "client_email": email,
+                "client_id": str(secrets.randbelow(10**21)), "token_uri": token_uri,
+                "universe_domain": "googleapis.com"}
 
     def revoke(self, refresh_token: str) -> None:
         """As the user removing access (or an admin session-control policy): ``invalid_grant`` next."""
@@ -145,6 +174,8 @@ class FakeOAuthUser:
         if content_type != "application/x-www-form-urlencoded":
             return oauth_error("invalid_request", "Content type must be application/x-www-form-urlencoded.")
         grant = form.get("grant_type")
+        if grant == JWT_BEARER_GRANT:
+            return self._key_grant(form)
         if grant not in ("refresh_token", "authorization_code"):
             return oauth_error("unsupported_grant_type", f"Invalid grant_type: {form.get('grant_type', '')}")
         client_id, client_secret = client_credentials(request, form)
@@ -169,6 +200,38 @@ class FakeOAuthUser:
         # Google also returns an id_token when "openid" is consented; nothing here reads it.
         return json_response(200, {"access_token": token, "expires_in": REPORTED_EXPIRES_IN_S,
                                    "scope": " ".join(requested), "token_type": "Bearer"})
+
+    def _key_grant(self, form: Mapping[str, str]) -> HttpResponse:
+        """RFC 7523 §2.1 with Google's checks and words for a service-account key's assertion."""
+        assertion = form.get("assertion", "")
+        try:
+            kid = str(jwt.get_unverified_header(assertion).get("kid"))
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return oauth_error("invalid_grant", "Invalid JWT Signature.")
+        email = str(unverified.get("iss", ""))
+        public = self._keys.get((email, kid))
+        if public is None:
+            return oauth_error("invalid_grant", "Invalid grant: account not found")
+        try:
+            claims = jwt.decode(assertion, public, algorithms=["RS256"], audience=GOOGLE_TOKEN_URI,
+                                options={"verify_exp": False, "verify_iat": False})
+        except jwt.InvalidAudienceError:
+            return oauth_error("invalid_grant", f"Invalid JWT: Failed audience check. The right audience is "
+                               f"{GOOGLE_TOKEN_URI}")
+        except jwt.PyJWTError:
+            return oauth_error("invalid_grant", "Invalid JWT Signature.")
+        now, iat, exp = self.clock.now().timestamp(), claims.get("iat"), claims.get("exp")
+        if (not isinstance(iat, int) or not isinstance(exp, int) or exp - iat > MAX_ASSERTION_LIFETIME_S
+                or iat > now + CLOCK_SKEW_S or exp <= now - CLOCK_SKEW_S):
+            return oauth_error("invalid_grant", SHORT_LIVED)
+        scopes = tuple(str(claims.get("scope", "")).split())
+        if not scopes:
+            return oauth_error("invalid_scope", "Invalid OAuth scope or ID token audience provided.")
+        token = self._google.issue_access_token(
+            principal=f"serviceAccount:{email}", scopes=scopes, prefix="ya29.key-",
+            expiry=self.clock.now() + dt.timedelta(seconds=ACCESS_TOKEN_LIFETIME_S))
+        return json_response(200, {"access_token": token, "expires_in": REPORTED_EXPIRES_IN_S, "token_type": "Bearer"})
 
     def _redeem(self, form: Mapping[str, str], client: OAuthClient) -> HttpResponse:
         """RFC 6749 §4.1.3: a code from ``authorization_code`` (once, by its client) for a login."""

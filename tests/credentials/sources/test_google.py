@@ -166,9 +166,19 @@ async def test_unusable_files_are_permanent_source_errors(tmp_path: Path, conten
 
 
 async def test_a_service_account_key_goes_through_the_jwt_bearer_grant(
+        tmp_path: Path, oauth: FakeOAuthUser, token_uri: str, world: World) -> None:
+    # Sent to the key's own token_uri (no token_url override configured), signed by the key.
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps(oauth.service_account_key(SERVICE_ACCOUNT, token_uri=token_uri)))
+    token = await source_for(path, None).federated_token()
+    assert oauth.forms[-1]["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    info = world.google.token_info(token.value)
+    assert info is not None and info.principal == f"serviceAccount:{SERVICE_ACCOUNT}"
+    assert info.scopes == (CLOUD_PLATFORM_SCOPE,)
+
+
+async def test_a_key_the_endpoint_does_not_know_is_an_invalid_grant(
         tmp_path: Path, oauth: FakeOAuthUser, token_uri: str) -> None:
-    # The stand-in speaks only the refresh-token grant: the refusal proves the key was loaded,
-    # signed and sent to the key's own token_uri (no token_url override configured).
     pem = new_rsa_key().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()).decode()
     key = {"type": "service_account", "project_id": PROJECT_ID, "private_key_id": "k1", "private_key": pem,
@@ -177,8 +187,8 @@ async def test_a_service_account_key_goes_through_the_jwt_bearer_grant(
     path.write_text(json.dumps(key))
     with pytest.raises(UpstreamError) as caught:
         await source_for(path, None).federated_token()
-    assert caught.value.error_code == "unsupported_grant_type"
-    assert oauth.forms[-1]["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    assert (caught.value.error_code, caught.value.permanent) == ("invalid_grant", True)
+    assert "account not found" in caught.value.reason
 
 
 # ---------------------------------------------------------------- configuration

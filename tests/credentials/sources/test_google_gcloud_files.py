@@ -19,7 +19,6 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
 
 from metaemu.clock import SystemClock
 from metaemu.config import parse_config
@@ -30,7 +29,6 @@ from metaemu.credentials.sources.google_adc import parse_adc
 from metaemu.errors import ConfigError, SourceError, UpstreamError
 from metaemu.metrics import create_metrics
 from metaemu.server.runner import MetaemuServer
-from metaemu.testing.fake_google_tokens import new_rsa_key
 from metaemu.testing.fake_google_workforce import FakeWorkforceSts, workforce_principal
 from metaemu.testing.fake_oauth_user import FakeOAuthUser, OAuthClient
 from metaemu.testing.world import PROJECT_ID, PROJECT_NUMBER, World, build_world
@@ -224,19 +222,15 @@ async def test_a_file_that_now_impersonates_another_account_is_refused_until_res
 
 
 async def test_an_impersonated_file_with_a_key_inside_signs_a_jwt_bearer_grant(
-        tmp_path: Path, oauth: FakeOAuthUser, token_uri: str) -> None:
-    # The stand-in speaks only user grants: its refusal proves the key was loaded and used.
-    pem = new_rsa_key().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()).decode()
-    key = {"type": "service_account", "project_id": "p", "private_key_id": "k1", "private_key": pem,
-           "client_email": DELEGATE, "client_id": "1", "token_uri": token_uri}
+        tmp_path: Path, oauth: FakeOAuthUser, token_uri: str, world: World) -> None:
+    key = oauth.service_account_key(DELEGATE, token_uri=token_uri)
     info = gcloud_written("impersonated_service_account") | {"source_credentials": key, "delegates": []}
     source = source_for(write(tmp_path, info))
     assert source.impersonation() == Impersonation(service_account=TARGET)
-    with pytest.raises(UpstreamError) as caught:
-        await source.federated_token()
-    assert caught.value.error_code == "unsupported_grant_type"
+    token = await source.federated_token()
     assert oauth.forms[-1]["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    seen = world.google.token_info(token.value)
+    assert seen is not None and seen.principal == f"serviceAccount:{DELEGATE}"
 
 
 # ---------------------------------------------------------------- through a running metaemu
@@ -427,3 +421,19 @@ async def test_a_malformed_200_from_the_workforce_token_endpoint_is_a_transient_
         with pytest.raises(SourceError) as caught:
             await source_for(write(tmp_path, info)).federated_token()
     assert not caught.value.permanent and "malformed token response" in caught.value.reason
+
+
+async def test_an_impersonated_file_with_a_key_inside_serves_the_target_through_metaemu(
+        world: World, tmp_path: Path, oauth: FakeOAuthUser, token_uri: str) -> None:
+    key = oauth.service_account_key(DELEGATE, token_uri=token_uri)
+    info = gcloud_written("impersonated_service_account") | {"source_credentials": key, "delegates": []}
+    world.google.grant(TARGET, f"serviceAccount:{DELEGATE}")
+    async with running(world, write(tmp_path, info)) as mds:
+        assert (await mds.get(SA_PATH + "email")).text == TARGET
+        reply = await mds.get(SA_PATH + "token")
+        assert reply.status == 200, reply.text
+        seen = world.google.token_info(json.loads(reply.body)["access_token"])
+        assert seen is not None and seen.email == TARGET
+        identity = await mds.get(SA_PATH + f"identity?audience={AUDIENCE}&format=full")
+        assert identity.status == 200 and id_claims(world, identity.text)["email"] == TARGET
+    world.google.revoke(TARGET, f"serviceAccount:{DELEGATE}")
