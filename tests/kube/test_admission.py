@@ -11,7 +11,15 @@ from typing import Any
 
 import pytest
 
-from tests.kube.agent import AGENT_NAMESPACE, AGENT_SA, AGENT_USER, agent_token, shipped_config, unique
+from tests.kube.agent import (
+    AGENT_NAMESPACE,
+    AGENT_SA,
+    AGENT_USER,
+    agent_token,
+    rendered_manifests,
+    shipped_config,
+    unique,
+)
 from tests.kube.cluster import KubeCluster
 
 pytestmark = pytest.mark.kube
@@ -165,3 +173,49 @@ def test_agent_user_is_the_policies_match(cluster: KubeCluster) -> None:
         policy = cluster.ok("GET", f"/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/{name}")
         assert AGENT_USER in policy["spec"]["matchConditions"][0]["expression"]
     assert (AGENT_NAMESPACE, AGENT_SA) == ("metaemu-system", "metaemu")
+
+
+def host_network_pod(cluster: KubeCluster, namespace: str, *, pod_uid: int | None = None,
+                     container_uid: int | None = None, host_network: bool = True) -> tuple[int, str]:
+    """Create a pod as a workload owner would; (status, message)."""
+    container: dict[str, Any] = {"name": "app", "image": "registry.invalid/app:1"}
+    if container_uid is not None:
+        container["securityContext"] = {"runAsUser": container_uid}
+    spec: dict[str, Any] = {"hostNetwork": host_network, "automountServiceAccountToken": False,
+                            "containers": [container]}
+    if pod_uid is not None:
+        spec["securityContext"] = {"runAsUser": pod_uid}
+    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": unique("p"), "namespace": namespace},
+            "spec": spec}
+    reply = cluster.request("POST", f"/api/v1/namespaces/{namespace}/pods", body)
+    return reply.status, str(reply.body.get("message", ""))
+
+
+def test_host_network_pods_may_not_run_as_the_agents_uid(cluster: KubeCluster) -> None:
+    """Issue #11: the agent's SO_REUSEPORT group admits any socket of its uid, so no other
+    hostNetwork pod may run as that uid (metaemu-agent-uid), whether the pod or a container sets it."""
+    agent_uid = int(next(c for c in rendered_manifests_pod_containers() if c["name"] == "metaemu")
+                    ["securityContext"]["runAsUser"])
+    namespace = unique("hostnet")
+    for ns in (namespace, AGENT_NAMESPACE):  # no controller-manager creates the default accounts
+        cluster.service_account(ns, "default")
+    # A new policy is enforced once the server's informer compiled it: poll for the first denial.
+    cluster.wait_until("metaemu-agent-uid enforced",
+                       lambda: host_network_pod(cluster, namespace, pod_uid=agent_uid)[0] == 403)
+    status, message = host_network_pod(cluster, namespace, container_uid=agent_uid)
+    assert status == 403
+    assert "ValidatingAdmissionPolicy 'metaemu-agent-uid'" in message
+    assert "may not run as metaemu's user id" in message
+    assert host_network_pod(cluster, namespace, pod_uid=1000, container_uid=agent_uid)[0] == 403  # container wins
+    assert host_network_pod(cluster, namespace, pod_uid=agent_uid, container_uid=1000)[0] == 201
+    assert host_network_pod(cluster, namespace, container_uid=1000)[0] == 201
+    assert host_network_pod(cluster, namespace, container_uid=agent_uid, host_network=False)[0] == 201
+    # The agent's own pods, in its namespace, are not matched.
+    assert host_network_pod(cluster, AGENT_NAMESPACE, container_uid=agent_uid)[0] == 201
+
+
+def rendered_manifests_pod_containers() -> list[dict[str, Any]]:
+    daemonset = next(d for d in rendered_manifests()
+                     if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "metaemu")
+    containers: list[dict[str, Any]] = daemonset["spec"]["template"]["spec"]["containers"]
+    return containers

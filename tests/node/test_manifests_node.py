@@ -113,7 +113,7 @@ def test_node_kustomizations_render_and_validate_strictly(directory: Path, versi
 def test_the_core_install_needs_no_prometheus_operator() -> None:
     kinds = sorted(r["kind"] for r in render(NODE))
     assert kinds == sorted(["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap",
-                            *["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 2, "DaemonSet"])
+                            *["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 3, "DaemonSet"])
     # The agent's namespace needs the privileged Pod Security level (hostNetwork, NET_ADMIN).
     assert one(NODE, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
 
@@ -140,7 +140,11 @@ def test_the_serving_container_runs_without_any_capability_or_privilege() -> Non
     ctx = metaemu["securityContext"]
     assert ctx["capabilities"] == {"drop": ["ALL"]}  # drops everything, adds nothing
     assert ctx["runAsNonRoot"] is True
-    assert ctx["runAsUser"] == 65532  # the image's user (Dockerfile)
+    # A uid of its own (issue #11: the SO_REUSEPORT group is per uid), kept off hostNetwork pods
+    # by the metaemu-agent-uid policy, which must name the same one.
+    assert ctx["runAsUser"] == 60988  # not the image's 65532 (Dockerfile): distroless images share that
+    policy = one(NODE, "ValidatingAdmissionPolicy", "metaemu-agent-uid")
+    assert {"name": "agentUid", "expression": str(ctx["runAsUser"])} in policy["spec"]["variables"]
     assert ctx["readOnlyRootFilesystem"] is True
     assert ctx["allowPrivilegeEscalation"] is False
     assert "privileged" not in ctx
