@@ -99,3 +99,24 @@ async def test_an_unknown_caller_waits_only_while_a_pod_of_the_node_awaits_its_a
     await agent.until("its address", lambda: not index.awaiting_addresses())
     refused, waited_s = await agent.drive(agent.get("169.254.30.204", SA_PATH + "token"))
     assert (refused.status, waited_s) == (403, 0)
+
+
+async def test_warm_returns_only_once_every_pods_exchange_has_ended(agent: Agent) -> None:
+    """What a successor agent waits for before it listens (issue #11): the watch synced and each
+    pod's prefetched exchange finished, failed ones included; cancelling the wait cancels none."""
+    node_agent = agent_of(agent)
+    held = agent.google.stall("sts")
+    agent.workload(unique("apps"), "web", gsa=GSA)
+    await agent.until("the exchange", lambda: exchanges(agent)[0] == 1)
+    warm = asyncio.ensure_future(node_agent.warm())
+    await agent.advance(0)
+    assert not warm.done()  # the exchange is still in flight
+    abandoned = asyncio.ensure_future(node_agent.warm())
+    await agent.advance(0)
+    abandoned.cancel()  # a successor giving up after WARM_TIMEOUT_S
+    await agent.advance(0)
+    held.set()
+    await agent.until("warm", warm.done)
+    assert warm.result() is None
+    assert exchanges(agent) == (1, 1)  # the exchange the cancelled wait watched still completed
+    assert agent.metric("metaemu_refresh_total", kind="access_token", result="success") == 1
