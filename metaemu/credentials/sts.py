@@ -41,7 +41,10 @@ class StsClient:
             "subject_token_type": subject.token_type,
         }
         sent_at = self._clock.now()
-        body = await self._caller.call_json(HttpRequest.form(self._url, form, timeout_s=self._timeout_s))
+        # An X.509 subject is only valid over mTLS with the same leaf (issue #14); no other kind sets it.
+        request = HttpRequest.form(self._url, form, timeout_s=self._timeout_s,
+                                   client_certificate=subject.client_certificate)
+        body = await self._caller.call_json(request)
         token = body.get("access_token")
         expires_in = body.get("expires_in", DEFAULT_EXPIRES_IN_S)
         try:

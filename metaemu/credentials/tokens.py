@@ -14,11 +14,16 @@ from typing import Any
 
 import jwt
 
+from metaemu.transport import ClientCertificate
+
 #: RFC 8693 token-type URNs used with Google STS (upstream.md §1.1).
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 AWS_TOKEN_TYPE = "urn:ietf:params:aws:token-type:aws4_request"
+#: X.509 workload identity federation: the subject token is the certificate chain and the exchange
+#: runs over mTLS with the leaf (STS REST reference, ``subject_token``; issue #14).
+MTLS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:mtls"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,11 +53,14 @@ class SubjectToken:
     """An external credential for STS: a JWT, an AWS aws4_request, ... (``token_type`` URN).
 
     ``expiry`` is None when the token is opaque (an aws4_request has no readable expiry).
+    ``client_certificate`` is the proof of possession a certificate-bound token needs: STS must be
+    called over mTLS with it (the ``mtls`` type, whose value names the same leaf).
     """
 
     value: str = field(repr=False)
     token_type: str
     expiry: dt.datetime | None = None
+    client_certificate: ClientCertificate | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
