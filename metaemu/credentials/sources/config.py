@@ -15,11 +15,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, Protocol
 
-from metaemu.credentials.tokens import ACCESS_TOKEN_TYPE, AWS_TOKEN_TYPE, ID_TOKEN_TYPE, JWT_TOKEN_TYPE
+from metaemu.credentials.tokens import (
+    ACCESS_TOKEN_TYPE,
+    AWS_TOKEN_TYPE,
+    ID_TOKEN_TYPE,
+    JWT_TOKEN_TYPE,
+    MTLS_TOKEN_TYPE,
+)
 from metaemu.errors import ConfigError
 
 _SUBJECT_TOKEN_TYPES = (JWT_TOKEN_TYPE, ID_TOKEN_TYPE, ACCESS_TOKEN_TYPE, AWS_TOKEN_TYPE,
-                        "urn:ietf:params:oauth:token-type:saml2")
+                        "urn:ietf:params:oauth:token-type:saml2", MTLS_TOKEN_TYPE)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +76,9 @@ CREDENTIAL_SOURCE_MODULES: dict[str, str] = {
     "environment_id": "metaemu.credentials.sources.aws",
     "url": "metaemu.credentials.sources.external",
     "executable": "metaemu.credentials.sources.external",
+    # X.509 workload identity federation (issue #14). parse_credential_source looks for it before
+    # ``file``, so a certificate next to a file or url is refused as ambiguous, as google-auth does.
+    "certificate": "metaemu.credentials.sources.certificate",
 }
 _BUILTIN = ("kubernetes", "file")
 
@@ -122,6 +131,13 @@ def parse_credential_source(
     if not isinstance(raw, dict):
         raise ConfigError(prefix.rstrip("."), "required: a JSON object")
     token_type = _token_type(subject_token_type, prefix.replace("credential_source.", "subject_token_type"))
+    if "certificate" in raw:
+        config: SourceConfig = source_module("certificate", prefix + "certificate").parse_credential_source(
+            raw, token_type=token_type, prefix=prefix, base_dir=base_dir)
+        return config
+    if token_type == MTLS_TOKEN_TYPE:
+        raise ConfigError(prefix.replace("credential_source.", "subject_token_type"),
+                          f"{MTLS_TOKEN_TYPE} needs a credential_source.certificate")
     if "file" in raw:
         fmt = raw.get("format") or {}
         if not isinstance(fmt, dict):
@@ -136,10 +152,10 @@ def parse_credential_source(
                                 format_type=fmt_type, field_name=str(field) if field else None)
     for key in CREDENTIAL_SOURCE_MODULES:
         if key in raw:
-            config: SourceConfig = source_module(key, prefix + key).parse_credential_source(
+            config = source_module(key, prefix + key).parse_credential_source(
                 raw, token_type=token_type, prefix=prefix, base_dir=base_dir)
             return config
-    raise ConfigError(prefix.rstrip("."), "expected one of: file, environment_id, url, executable")
+    raise ConfigError(prefix.rstrip("."), "expected one of: file, environment_id, url, executable, certificate")
 
 
 def _token_type(value: Any, key: str) -> str:
