@@ -31,7 +31,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from metaemu.clock import Clock, SystemClock
-from metaemu.credentials.tokens import ID_TOKEN_TYPE, JWT_TOKEN_TYPE
+from metaemu.credentials.tokens import ID_TOKEN_TYPE, JWT_TOKEN_TYPE, MTLS_TOKEN_TYPE
 from metaemu.testing.fake_google_errors import (
     JSON_CONTENT_TYPE,
     default_sts_error_body,
@@ -42,6 +42,7 @@ from metaemu.testing.fake_google_iam import IamService, ServiceAccount
 from metaemu.testing.fake_google_jwt import verify_jwt_subject
 from metaemu.testing.fake_google_sts import StsService, SubjectVerifier, WorkloadIdentityProvider
 from metaemu.testing.fake_google_tokens import GoogleSigner, IssuedTokens, TokenInfo
+from metaemu.testing.fake_google_x509 import verify_mtls_subject
 from metaemu.testing.faults import FaultInjector, garbage_response
 from metaemu.testing.inprocess import InProcessClient, get_header, handler_app
 from metaemu.transport import HttpRequest, HttpResponse
@@ -107,6 +108,7 @@ class FakeGoogle:
         self._iam = IamService(clock=self.clock, tokens=self._tokens, signer=self._signer)
         for token_type in (JWT_TOKEN_TYPE, ID_TOKEN_TYPE):
             self._sts.register_subject_verifier(token_type, verify_jwt_subject)
+        self._sts.register_subject_verifier(MTLS_TOKEN_TYPE, verify_mtls_subject)
 
     # -- registry -------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
 from metaemu.clock import Clock
@@ -27,6 +27,9 @@ from metaemu.testing.fake_google_errors import json_response, oauth_error
 from metaemu.testing.fake_google_tokens import IssuedTokens, TokenInfo
 from metaemu.testing.inprocess import get_header
 from metaemu.transport import HttpRequest, HttpResponse
+
+if TYPE_CHECKING:
+    from metaemu.testing.fake_google_x509 import X509Federation
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 #: Federated tokens live 1 h; STS reports 3599 (upstream.md §1.2), the elapsed second rounded off.
@@ -68,6 +71,8 @@ class WorkloadIdentityProvider:
     jwks: Mapping[str, Any] | None = field(default=None, repr=False)
     allowed_audiences: tuple[str, ...] = ()
     project_number: str | None = None
+    #: An X.509 provider's trust store and subject mapping (issue #14; ``fake_google_x509``).
+    x509: X509Federation | None = field(default=None, repr=False)
     #: The pool's resource name, ``projects/N/locations/global/workloadIdentityPools/POOL``.
     pool: str = field(init=False, default="")
 

@@ -5,6 +5,10 @@ is an ``HttpClient`` that calls it directly (pipeline tests: no sockets, no patc
 ``handler_app`` adapts it to an aiohttp application (functional tests, google-auth as an oracle,
 ``metaemu demo``), so both paths run the same checks.
 
+Both paths hand a handler the TLS client certificate the same way, in the ``Client-Cert`` header
+of RFC 9440 (what a TLS-terminating front end forwards): from ``HttpRequest.client_certificate`` in
+process, from the TLS session on a socket; a ``Client-Cert`` the client sent itself is dropped.
+
 Not owned here: the real client (``metaemu.transport.AiohttpClient``) and any routing; handlers
 route on the request path themselves.
 """
@@ -12,8 +16,10 @@ route on the request path themselves.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
-from collections.abc import Callable, Coroutine
+import ssl
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +29,20 @@ from metaemu.clock import Clock
 from metaemu.transport import MAX_RESPONSE_BYTES, HttpRequest, HttpResponse, TransportFailure
 
 Handler = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponse]]
+#: RFC 9440 §2: the client certificate, an sf-binary (``:base64-DER:``), and the rest of its chain.
+CLIENT_CERT_HEADER = "Client-Cert"
+_FORWARDED_CERT_HEADERS = frozenset({"client-cert", "client-cert-chain"})
+
+
+def with_client_cert(headers: Mapping[str, str], der: bytes | None) -> dict[str, str]:
+    """``headers`` without client-sent RFC 9440 fields, plus ``Client-Cert`` for ``der`` if any.
+
+    SECURITY: RFC 9440 §4 — a front end must drop these fields from the request, or a client
+    could claim any certificate."""
+    out = {k: v for k, v in headers.items() if k.lower() not in _FORWARDED_CERT_HEADERS}
+    if der:
+        out[CLIENT_CERT_HEADER] = f":{base64.b64encode(der).decode()}:"
+    return out
 
 
 def get_header(request: HttpRequest, name: str) -> str | None:
@@ -45,6 +65,10 @@ class InProcessClient:
         self._clock = clock
 
     async def send(self, request: HttpRequest) -> HttpResponse:
+        cert = request.client_certificate
+        leaf = ssl.PEM_cert_to_DER_cert(cert.cert_pem.decode()) if cert is not None else None
+        request = HttpRequest(method=request.method, url=request.url, body=request.body,
+                              headers=with_client_cert(request.headers, leaf), timeout_s=request.timeout_s)
         if self._clock is None:
             response = await self._handler(request)
         else:
@@ -75,8 +99,10 @@ def handler_app(handler: Handler) -> web.Application:
 
     async def adapt(request: web.Request) -> web.Response:
         body = await request.read()
+        tls = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
+        der = tls.getpeercert(binary_form=True) if isinstance(tls, ssl.SSLObject) else None
         reply = await handler(HttpRequest(method=request.method, url=str(request.url),
-                                          headers=dict(request.headers), body=body))
+                                          headers=with_client_cert(request.headers, der), body=body))
         return web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
 
     app = web.Application()
