@@ -72,7 +72,8 @@ class X509World:
     def credential_config(self, *, token_url: str, chain: bool = False, impersonate: bool = True,
                           certificate: dict[str, Any] | None = None) -> Path:
         """The external_account file gcloud writes for X.509 federation."""
-        source: dict[str, Any] = certificate or {"certificate_config_location": "certificate_config.json"}
+        source: dict[str, Any] = ({"certificate_config_location": "certificate_config.json"} if certificate is None
+                                  else certificate)
         if chain:
             source["trust_chain_path"] = "chain.pem"
         data: dict[str, Any] = {
