@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -258,3 +259,26 @@ async def test_an_exchange_without_the_stand_ins_trust_is_an_upstream_error(
     finally:
         await http.close()
     assert err.value.status == 400 and err.value.error_code == "invalid_grant" and err.value.permanent
+
+
+# -- the README's files ------------------------------------------------------------------------------------
+
+def readme_json(marker: str) -> Any:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    (block,) = re.findall(rf"<!-- {marker} -->\n```json\n(.*?)```", readme, flags=re.S)
+    return json.loads(block)
+
+
+async def test_the_readmes_x509_files_are_accepted_and_produce_a_subject_token(
+        world: X509World, clock: FakeClock) -> None:
+    leaf = world.corp.issue("app.corp.example", now=world.now, uri=SPIFFE_ID)
+    world.write_workload(leaf, chain=leaf.intermediates_pem)
+    certificate_config = readme_json("x509-certificate-config")
+    assert set(certificate_config["cert_configs"]["workload"]) == {"cert_path", "key_path"}
+    (world.directory / "creds.json").write_text(json.dumps(readme_json("x509-credential-config")))
+    config = loaded(world.directory / "creds.json")
+    assert config == CertificateSourceConfig(certificate_config=world.directory / "certificate_config.json",
+                                             trust_chain=world.directory / "chain.pem")
+    source = build_source(config, SourceContext(clock=clock, http=AiohttpClient(), metrics=create_metrics(),
+                                                audience=AUDIENCE))
+    assert json.loads((await source.fetch()).value) == [der_b64(leaf), der_b64(world.corp.issued)]
