@@ -4,6 +4,7 @@ and rotation — the next exchange is sent over mTLS with the rotated certificat
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -24,6 +25,7 @@ from metaemu.credentials.sources.certificate import (
 from metaemu.credentials.tokens import JWT_TOKEN_TYPE, MTLS_TOKEN_TYPE
 from metaemu.errors import ConfigError, SourceError, UpstreamError
 from metaemu.metrics import create_metrics
+from metaemu.server.runner import MetaemuServer
 from metaemu.testing.fake_clock import FakeClock
 from metaemu.testing.fake_pki import IssuedCertificate
 from metaemu.transport import AiohttpClient
@@ -36,6 +38,7 @@ from tests.credentials.sources.x509_support import (
     serve_mtls,
 )
 from tests.credentials.support import build_pipeline
+from tests.helpers import SA_PATH, Mds
 
 PREFIX = "workload_identity.credential_config (creds.json) credential_source."
 
@@ -282,3 +285,39 @@ async def test_the_readmes_x509_files_are_accepted_and_produce_a_subject_token(
     source = build_source(config, SourceContext(clock=clock, http=AiohttpClient(), metrics=create_metrics(),
                                                 audience=AUDIENCE))
     assert json.loads((await source.fetch()).value) == [der_b64(leaf), der_b64(world.corp.issued)]
+
+
+async def test_a_running_metaemu_serves_a_token_from_the_rotated_certificate_once_the_old_one_expired(
+        world: X509World, clock: FakeClock, sts: str) -> None:
+    """The whole server on a FakeClock: the token from the first leaf, then, the files rotated and the
+    clock moved past that token's and that leaf's expiry, a token exchanged with the second leaf."""
+    world.allow(SPIFFE_ID)
+    first = world.leaf(rotation=1)
+    world.write_workload(first)
+    (world.directory / "metaemu.yaml").write_text(
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nproject_id: demo-project\n")
+    config = load_config(path=world.directory / "metaemu.yaml", credential_config=world.credential_config(
+        token_url=sts), env={})
+    http = AiohttpClient(ssl_context=world.client_context(), client_context=world.client_context)
+    try:
+        async with MetaemuServer(config, clock=clock, http=http) as server, asyncio.timeout(60):
+            mds = Mds(server.metadata_url)
+            try:
+                before = await mds.get(SA_PATH + "token")
+                assert before.status == 200, before.text
+                clock.advance(25 * 3600)  # past the hour-long tokens and the day-long first leaf
+                world.now = clock.now()
+                second = world.leaf(rotation=2)
+                world.write_workload(second)
+                after = await mds.get(SA_PATH + "token")
+                assert after.status == 200, after.text
+            finally:
+                await mds.close()
+    finally:
+        await http.close()
+    tokens = [json.loads(r.body)["access_token"] for r in (before, after)]
+    assert tokens[0] != tokens[1]
+    info = world.google.token_info(tokens[1])
+    assert info is not None and info.email == SERVICE_ACCOUNT
+    presented = [r.headers["Client-Cert"] for r in world.google.requests if r.endpoint == "sts"]
+    assert presented[0] == f":{der_b64(first)}:" and presented[-1] == f":{der_b64(second)}:"
