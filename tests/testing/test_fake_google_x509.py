@@ -4,6 +4,7 @@ trust store as Google documents, and refuses with an RFC 6749 error otherwise.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
@@ -195,3 +196,52 @@ def test_a_trust_store_holds_at_most_three_anchors(world: X509World) -> None:
                world.stranger.certificate)
     with pytest.raises(Exception, match="trustAnchors"):
         X509Federation(trust_anchors=anchors)
+
+
+# -- google-auth as the oracle -----------------------------------------------------------------------------
+
+def google_auth_refresh(creds_path: Path, ca_file: Path) -> str:
+    """google-auth's own X.509 credentials (identity_pool, requests transport with ``cert=``), blocking."""
+    import requests
+    from google.auth import identity_pool
+    from google.auth.transport.requests import Request
+
+    credentials = identity_pool.Credentials.from_file(str(creds_path), scopes=[
+        "https://www.googleapis.com/auth/cloud-platform"])
+    session = requests.Session()
+    session.verify = str(ca_file)
+    session.trust_env = False
+    credentials.refresh(Request(session))
+    return str(credentials.token)
+
+
+async def test_google_auths_own_x509_credentials_are_accepted_and_send_what_metaemu_sends(
+        world: X509World, sts: str, http: AiohttpClient) -> None:
+    """google-auth 2.63's identity_pool with a certificate source, against the stand-in over mTLS:
+    accepted, and its form matches the one metaemu's certificate source sends (UP-01)."""
+    from metaemu.credentials.sources import SourceContext, build_source
+    from metaemu.credentials.sts import StsClient
+    from metaemu.credentials.upstream import UpstreamCaller
+    from metaemu.metrics import create_metrics
+    from tests.credentials.sources.test_certificate import loaded
+
+    leaf = world.corp.issue("app.corp.example", now=world.now, uri=SPIFFE_ID)
+    config_path = world.write_workload(leaf, chain=leaf.intermediates_pem)
+    # Absolute: google-auth opens relative paths from its working directory, metaemu from the file's.
+    creds = world.credential_config(token_url=sts, impersonate=False, certificate={
+        "certificate_config_location": str(config_path), "trust_chain_path": str(world.directory / "chain.pem")})
+    ca_file = world.directory / "tls-ca.pem"
+    ca_file.write_bytes(world.tls_ca.pem)
+    token = await asyncio.to_thread(google_auth_refresh, creds, ca_file)
+    assert world.google.token_info(token) is not None
+
+    metrics = create_metrics()
+    source = build_source(loaded(creds), SourceContext(clock=world.google.clock, http=http, metrics=metrics,
+                                                       audience=AUDIENCE))
+    sts_client = StsClient(caller=UpstreamCaller(http=http, metrics=metrics, backend="sts"), url=sts,
+                           clock=world.google.clock, timeout_s=10)
+    await sts_client.exchange(await source.fetch(), audience=AUDIENCE,
+                              scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    theirs, ours = [r for r in world.google.requests if r.endpoint == "sts"]
+    assert dict(ours.form) == dict(theirs.form)
+    assert ours.headers["Client-Cert"] == theirs.headers["Client-Cert"]
