@@ -206,8 +206,8 @@ def google_auth_refresh(creds_path: Path, ca_file: Path) -> str:
     from google.auth import identity_pool
     from google.auth.transport.requests import Request
 
-    credentials = identity_pool.Credentials.from_file(str(creds_path), scopes=[
-        "https://www.googleapis.com/auth/cloud-platform"])
+    credentials = identity_pool.Credentials.from_file(  # type: ignore[no-untyped-call]  # google-auth is untyped
+        str(creds_path), scopes=["https://www.googleapis.com/auth/cloud-platform"])
     session = requests.Session()
     session.verify = str(ca_file)
     session.trust_env = False
