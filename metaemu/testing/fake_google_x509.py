@@ -30,8 +30,10 @@ the decision to step 3. (stdlib ``ssl`` cannot accept an arbitrary one: a certif
 unknown CA fails the handshake, which metaemu reports as a transport failure.)
 
 The client certificate reaches the handler in the ``Client-Cert`` header of RFC 9440 (as a
-TLS-terminating front end passes it on): ``tls_handler_app`` sets it from the TLS session and strips
-any the client sent; ``InProcessClient`` sets it from ``HttpRequest.client_certificate``.
+TLS-terminating front end passes it on): ``inprocess.handler_app`` sets it from the TLS session
+(served with ``mtls_server_context``) and strips any the client sent; ``InProcessClient`` sets it
+from ``HttpRequest.client_certificate`` (without a handshake, so possession of the key is not proven
+in process).
 """
 
 from __future__ import annotations
@@ -87,10 +89,6 @@ class X509Federation:
             raise ConfigError("trustStore.trustAnchors", f"between 1 and {MAX_TRUST_ANCHORS} are allowed")
         if len(self.intermediate_cas) > MAX_INTERMEDIATE_CAS:
             raise ConfigError("trustStore.intermediateCas", f"at most {MAX_INTERMEDIATE_CAS} are allowed")
-
-    @property
-    def certificates(self) -> tuple[x509.Certificate, ...]:
-        return (*self.trust_anchors, *self.intermediate_cas)
 
 
 async def verify_mtls_subject(check: SubjectCheck) -> str:

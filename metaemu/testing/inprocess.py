@@ -34,6 +34,12 @@ CLIENT_CERT_HEADER = "Client-Cert"
 _FORWARDED_CERT_HEADERS = frozenset({"client-cert", "client-cert-chain"})
 
 
+def _first_der(pem: bytes) -> bytes:
+    """The DER of the first certificate of a PEM chain: the one a TLS client presents as its own."""
+    end = b"-----END CERTIFICATE-----"
+    return ssl.PEM_cert_to_DER_cert(pem[:pem.index(end) + len(end)].decode())
+
+
 def with_client_cert(headers: Mapping[str, str], der: bytes | None) -> dict[str, str]:
     """``headers`` without client-sent RFC 9440 fields, plus ``Client-Cert`` for ``der`` if any.
 
@@ -66,7 +72,7 @@ class InProcessClient:
 
     async def send(self, request: HttpRequest) -> HttpResponse:
         cert = request.client_certificate
-        leaf = ssl.PEM_cert_to_DER_cert(cert.cert_pem.decode()) if cert is not None else None
+        leaf = _first_der(cert.cert_pem) if cert is not None else None
         request = HttpRequest(method=request.method, url=request.url, body=request.body,
                               headers=with_client_cert(request.headers, leaf), timeout_s=request.timeout_s)
         if self._clock is None:

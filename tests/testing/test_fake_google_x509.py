@@ -245,3 +245,15 @@ async def test_google_auths_own_x509_credentials_are_accepted_and_send_what_meta
     theirs, ours = [r for r in world.google.requests if r.endpoint == "sts"]
     assert dict(ours.form) == dict(theirs.form)
     assert ours.headers["Client-Cert"] == theirs.headers["Client-Cert"]
+
+
+async def test_in_process_the_leaf_of_a_chain_pem_is_the_presented_certificate(world: X509World) -> None:
+    """``InProcessClient`` presents the first certificate of ``cert_pem``, as a TLS client would of
+    cert-manager's ``tls.crt`` (leaf, then its intermediate)."""
+    leaf = world.corp.issue("app.corp.example", now=world.now, uri="spiffe://corp.example/app")
+    client = world.google.client()
+    response = await client.send(HttpRequest.form("https://sts.mtls.googleapis.com/v1/token", {
+        "grant_type": GRANT_TYPE, "audience": AUDIENCE, "requested_token_type": ACCESS_TOKEN_TYPE,
+        "subject_token": b64(leaf, world.corp), "subject_token_type": MTLS_TOKEN_TYPE},
+        client_certificate=ClientCertificate(cert_pem=leaf.chain_pem, key_pem=leaf.key_pem)))
+    assert response.status == 200, response.decoded()
