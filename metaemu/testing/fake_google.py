@@ -1,7 +1,8 @@
 """``FakeGoogle``: Google STS v1 and IAM Credentials v1 in one stand-in, for tests and the demo.
 
 Owns routing (method + path; scheme and host are ignored so it works behind any base URL), the
-record of what was asked (``calls``, ``requests``), fault injection, and the three ways to reach it:
+record of what was asked (``calls``, ``requests``), fault injection, injected latency (``latency_s``), and
+the three ways to reach it:
 ``handle`` (a plain coroutine), ``client()`` (an in-process ``HttpClient``) and ``app()`` (aiohttp,
 for sockets and google-auth). The checks themselves live in ``fake_google_sts``,
 ``fake_google_jwt`` and ``fake_google_iam``; what was issued lives in ``fake_google_tokens``.
@@ -93,12 +94,18 @@ class RecordedRequest:
 class FakeGoogle:
     """Google STS + IAM Credentials that verify what the real services verify.
 
-    Time (token expiry, subject-token ``iat``/``exp``) comes from ``clock``. Single event loop;
-    the registry may be changed between requests at any time.
+    Time (token expiry, subject-token ``iat``/``exp``) comes from ``clock``. ``latency_s`` delays
+    every answer of a backend by that many seconds on ``clock`` (after the call is counted and
+    recorded, before faults and the real logic), standing in for the round trip to Google from a
+    distant region; concurrent calls wait it out side by side, as on a real network. Single event
+    loop; the registry may be changed between requests at any time.
     """
 
-    def __init__(self, *, clock: Clock | None = None) -> None:
+    def __init__(self, *, clock: Clock | None = None, latency_s: Mapping[Backend, float] | None = None) -> None:
+        if any(seconds < 0 for seconds in (latency_s or {}).values()):
+            raise ValueError("latency_s must not be negative")
         self.clock: Clock = clock or SystemClock()
+        self._latency_s: dict[Backend, float] = dict(latency_s or {})
         self.calls: Counter[str] = Counter()
         self.requests: list[RecordedRequest] = []
         self._tokens = IssuedTokens(self.clock)
@@ -193,7 +200,10 @@ class FakeGoogle:
         self.requests.append(RecordedRequest.of(request, endpoint=endpoint, account=account))
         if endpoint == "unknown":
             return rpc_error(404, f"The requested URL {urlsplit(request.url).path} was not found.")
-        injected = await self._faults.intercept("sts" if endpoint == "sts" else "iam")
+        backend: Backend = "sts" if endpoint == "sts" else "iam"
+        if latency_s := self._latency_s.get(backend):
+            await self.clock.sleep(latency_s)
+        injected = await self._faults.intercept(backend)
         if injected is not None:
             return injected
         if account is None:  # only the STS route carries no account

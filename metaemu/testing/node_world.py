@@ -14,8 +14,10 @@ A control API on loopback (inside that namespace), for what only the Google stan
     GET  /calls              requests the Google stand-in has answered, by endpoint
 
 ``python -m metaemu.testing.node_world --listen ADDR:PORT --control-port N --node NAME --kubeconfig F
---cluster-jwks F [--passthrough aws --passthrough-address ADDR:PORT]`` prints ``READY`` once metaemu is
-ready (watch synced, rules in place) and stops cleanly on SIGTERM.
+--cluster-jwks F [--passthrough aws --passthrough-address ADDR:PORT] [--google-latency-seconds S]`` prints
+``READY`` once metaemu is ready (watch synced, rules in place) and stops cleanly on SIGTERM.
+``--google-latency-seconds`` delays every answer of the Google stand-in (``FakeGoogle(latency_s=...)``),
+as a distant region would.
 
 With ``--google-port N`` instead of ``--listen`` it runs no metaemu: the Google stand-in serves on
 127.0.0.1:N (STS at ``/v1/token``, IAM Credentials under ``/v1``) for real ``metaemu serve``
@@ -48,9 +50,11 @@ from metaemu.testing.world import AUDIENCE, CLUSTER_ISSUER, PROJECT_ID, PROJECT_
 
 async def serve(*, listen: str, admin_listen: str, control_port: int, node_name: str, host_addresses: list[str],
                      intercept_pod_interfaces: list[str], kubeconfig: Path, cluster_jwks: dict[str, Any],
-                     audience: str, node_options: dict[str, Any] | None = None) -> None:
-    """metaemu in node mode against a real API server (see the module docstring)."""
-    google = _google(cluster_jwks, audience)
+                     audience: str, node_options: dict[str, Any] | None = None,
+                     google_latency_s: float = 0.0) -> None:
+    """metaemu in node mode against a real API server (see the module docstring); every STS and
+    IAM Credentials answer of the stand-in takes ``google_latency_s`` seconds."""
+    google = _google(cluster_jwks, audience, latency_s=google_latency_s)
     synced_at: list[float] = []
     runner = await _start(_control_app(google, audience, synced_at), control_port)
     raw = _config(listen=listen, admin_listen=admin_listen, node_name=node_name, audience=audience,
@@ -81,8 +85,8 @@ async def serve_google(*, google_port: int, control_port: int, cluster_jwks: dic
         await control.cleanup()
 
 
-def _google(cluster_jwks: dict[str, Any], audience: str) -> FakeGoogle:
-    google = FakeGoogle()
+def _google(cluster_jwks: dict[str, Any], audience: str, *, latency_s: float = 0.0) -> FakeGoogle:
+    google = FakeGoogle(latency_s={"sts": latency_s, "iam": latency_s})
     google.add_provider(WorkloadIdentityProvider(audience=audience, issuer=CLUSTER_ISSUER, jwks=cluster_jwks))
     return google
 
@@ -174,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-limit-burst", type=int, help="node.rate_limit_burst (default: the product's)")
     p.add_argument("--passthrough", action="append", default=[], help="node.passthrough (aws, azure; repeatable)")
     p.add_argument("--passthrough-address", help="node.passthrough_address (default: the product's)")
+    p.add_argument("--google-latency-seconds", type=float, default=0.0,
+                   help="delay every STS and IAM Credentials answer of the Google stand-in (default: none)")
     args = p.parse_args(argv)
     setup_logging("info")
     jwks = json.loads(args.cluster_jwks.read_text())
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                         node_name=args.node, host_addresses=args.host_address,
                         intercept_pod_interfaces=args.intercept_pod_interface, kubeconfig=args.kubeconfig,
                         cluster_jwks=jwks, audience=args.audience,
-                        node_options=options))
+                        node_options=options, google_latency_s=args.google_latency_seconds))
     return 0
 
 if __name__ == "__main__":

@@ -162,6 +162,32 @@ async def test_stall_holds_calls_until_released(google: FakeGoogle, issuer: Fake
     assert (await second).status == 200
 
 
+async def test_injected_latency_delays_each_answer_of_its_backend_on_the_clock(
+        issuer: FakeIssuer, clock: FakeClock) -> None:
+    google = FakeGoogle(clock=clock, latency_s={"sts": 0.3, "iam": 0.3})
+    google.add_provider(WorkloadIdentityProvider(audience=AUDIENCE, issuer=ISSUER, jwks=issuer.jwks()))
+    google.add_service_account(SA)
+    google.grant(SA, google.principal_for(AUDIENCE, "system:serviceaccount:apps:web"))
+    calls = [asyncio.create_task(google.handle(sts_request(issuer))) for _ in range(2)]
+    await clock.wait_for_sleepers(2)
+    assert google.calls["sts"] == 2  # counted on arrival, delayed side by side
+    clock.advance(0.29)
+    await settle()
+    assert not any(c.done() for c in calls)
+    clock.advance(0.01)
+    exchanged = [await c for c in calls]
+    assert [r.status for r in exchanged] == [200, 200]
+    iam = asyncio.create_task(google.handle(iam_request(exchanged[0].decoded()["access_token"])))
+    await clock.wait_for_sleepers(1)
+    clock.advance(0.3)
+    assert (await iam).status == 200
+
+
+def test_latency_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="latency_s"):
+        FakeGoogle(latency_s={"iam": -0.1})
+
+
 async def test_in_process_client_times_out_a_stall_on_the_fake_clock(
         google: FakeGoogle, issuer: FakeIssuer, clock: FakeClock) -> None:
     google.stall("sts")
