@@ -79,25 +79,46 @@ SETTLE_S = 2.0
 #: Agent counters reported per phase; upstream calls by backend show one exchange per pod.
 COUNTERS = ("metaemu_pod_prefetches_total", "metaemu_token_cache_total", "metaemu_pod_lookup_total",
             "metaemu_upstream_request_duration_seconds_count")
+#: The agent's own time to answer (its request histogram, from the parsed request to the answer).
+ANSWER_BUCKETS = "metaemu_request_duration_seconds_bucket"
+TOKEN_ROUTE = "/computeMetadata/v1/instance/service-accounts/{account}/token"
+#: The client's stages, reported per phase beside the whole request.
+STAGES = ("resolve", "connect", "response", "cpu_wait")
 
 #: Runs in a pod's namespace: prints READY, then for each line (a CLOCK_MONOTONIC time, shared by all
-#: namespaces) waits until then and makes one request on a fresh connection; prints the outcome.
+#: namespaces) waits until then and makes one request on a fresh connection, as a pod's code would
+#: (http.client); prints the outcome with its stages: resolving the host (the process's first
+#: getaddrinfo loads its resolver), the TCP connection (through the interception rule), and sending
+#: the request until the body is read. The connection resolves the address again (warm by then).
+#: ``cpu_wait_s``: how long the client itself waited for its core meanwhile (the kernel's run delay,
+#: /proc/self/schedstat), time no server could be blamed for.
 _CLIENT = r"""
-import http.client, json, sys, time
+import http.client, json, socket, sys, time
 path, timeout = sys.argv[1], float(sys.argv[2])
+def run_delay_s():
+    with open("/proc/self/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
 print("READY", flush=True)
 for line in sys.stdin:
     at = float(line)
     while (left := at - time.monotonic()) > 0:
         time.sleep(left)
+    waited = run_delay_s()
     started = time.monotonic()
     out = {"late_s": started - at}
     try:
+        socket.getaddrinfo("169.254.169.254", 80, 0, socket.SOCK_STREAM)
+        resolved = time.monotonic()
         c = http.client.HTTPConnection("169.254.169.254", 80, timeout=timeout)
+        c.connect()
+        connected = time.monotonic()
         c.request("GET", path, headers={"Metadata-Flavor": "Google"})
         r = c.getresponse()
         body = r.read()
-        out.update(latency_s=time.monotonic() - started, status=r.status, body=body.decode(errors="replace")[:4000])
+        done = time.monotonic()
+        out.update(latency_s=done - started, resolve_s=resolved - started, connect_s=connected - resolved,
+                   response_s=done - connected, cpu_wait_s=run_delay_s() - waited, status=r.status,
+                   body=body.decode(errors="replace")[:4000])
         c.close()
     except Exception as e:
         out.update(latency_s=time.monotonic() - started, error=type(e).__name__)
@@ -190,6 +211,7 @@ class Bench:
     node_name: str
     namespace: str
     cpus: Cpus
+    agent_pid: int | None = None
     next_pod: int = 1
 
     def control(self, calls: list[tuple[str, str, Any]]) -> list[Any]:
@@ -200,11 +222,20 @@ class Bench:
         return result
 
     def counters(self) -> dict[str, float]:
-        """The agent's ``COUNTERS``, one entry per label set."""
+        """The agent's ``COUNTERS``, one entry per label set, and its token route's answer-time
+        buckets (``answer_le_ms=<bound>``)."""
         script = f"import urllib.request as u; print(u.urlopen('http://{ADMIN}/metrics', timeout=10).read().decode())"
         text = self.node.run_in(self.node.node_ns, sys.executable, "-c", script).stdout
-        return {f"{s.name}{{{','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))}}}": s.value
-                for family in text_string_to_metric_families(text) for s in family.samples if s.name in COUNTERS}
+        found = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in COUNTERS:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                    found[f"{sample.name}{{{labels}}}"] = sample.value
+                elif sample.name == ANSWER_BUCKETS and sample.labels.get("route") == TOKEN_ROUTE:
+                    bound = float(sample.labels["le"])
+                    found[f"answer_le_ms={bound * 1000:g}"] = sample.value
+        return found
 
     def new_pods(self, count: int, prefix: str) -> list[Pod]:
         """``count`` pods of this node, each with its own annotated service account and Google
@@ -261,7 +292,7 @@ def run_phase(bench: Bench, *, prefix: str, delay_s: float, settings: Settings) 
     for client in clients:
         client.ready()
     time.sleep(SETTLE_S)
-    before = bench.counters()
+    before, contention = bench.counters(), Contention.now(bench.agent_pid)
     start, patches = time.monotonic(), []
     for k, client in enumerate(clients):
         _sleep_until(start + k * settings.stagger_s)
@@ -273,26 +304,71 @@ def run_phase(bench: Bench, *, prefix: str, delay_s: float, settings: Settings) 
         patches.append(assigned - patched)
     outcomes = [client.outcome() for client in clients]
     time.sleep(2 * GOOGLE_LATENCY_S)  # exchanges the requests did not wait for, to be counted
-    after = bench.counters()
+    after, contended = bench.counters(), contention.since(bench.agent_pid)
     return summarize(bench, pods, outcomes, delay_s=delay_s, patches=patches,
-                     counters={k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)})
+                     counters={k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)},
+                     contention=contended)
 
 
 def summarize(bench: Bench, pods: list[Pod], outcomes: list[dict[str, Any]], *, delay_s: float,
-              patches: list[float], counters: dict[str, float]) -> dict[str, Any]:
+              patches: list[float], counters: dict[str, float], contention: dict[str, float]) -> dict[str, Any]:
     served = [(pod, json.loads(o["body"])["access_token"]) for pod, o in zip(pods, outcomes, strict=True)
               if o.get("status") == 200]
     emails = bench.token_emails([token for _, token in served])
     foreign = sum(1 for (pod, _), email in zip(served, emails, strict=True) if email != pod.gsa)
     latencies_ms = sorted(o["latency_s"] * 1000 for o in outcomes)
     statuses = Counter(str(o.get("status", o.get("error"))) for o in outcomes)
+    stages = {stage: _percentiles(sorted(o[f"{stage}_s"] * 1000 for o in outcomes if f"{stage}_s" in o))
+              for stage in STAGES}
+    answers = {k.removeprefix("answer_le_ms="): v for k, v in counters.items() if k.startswith("answer_le_ms=")}
     return {"call_after_s": delay_s, "requests": len(outcomes), "statuses": dict(statuses),
             "errors": sum(1 for o in outcomes if o.get("status") != 200), "foreign_or_invalid_tokens": foreign,
-            "p50_ms": _rank(latencies_ms, 0.50), "p99_ms": _rank(latencies_ms, 0.99),
-            "max_ms": _rank(latencies_ms, 1.0),
+            **_percentiles(latencies_ms), "stages_ms": stages, "agent_answers_within_ms": answers,
             "client_late_max_ms": round(max(o["late_s"] for o in outcomes) * 1000, 3),
-            "status_patch_max_ms": round(max(patches) * 1000, 1), "agent_counters": counters,
-            "latencies_ms": [round(v, 3) for v in latencies_ms]}
+            "status_patch_max_ms": round(max(patches) * 1000, 1), "cpu_contention": contention,
+            "agent_counters": {k: v for k, v in counters.items() if not k.startswith("answer_le_ms=")},
+            "requests_in_address_order": [{(f"{k.removesuffix('_s')}_ms" if k.endswith("_s") else k):
+                                           (round(v * 1000, 3) if k.endswith("_s") else v)
+                                           for k, v in o.items() if k != "body"} for o in outcomes]}
+
+
+def _percentiles(sorted_ms: list[float]) -> dict[str, float | None]:
+    if not sorted_ms:
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {"p50_ms": _rank(sorted_ms, 0.50), "p99_ms": _rank(sorted_ms, 0.99), "max_ms": _rank(sorted_ms, 1.0)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Contention:
+    """How busy the machine was during a phase: the share of time some task waited for a CPU
+    (/proc/pressure/cpu ``some``) and the agent's own run delay, all its threads (schedstat)."""
+
+    monotonic: float
+    pressure_us: int
+    agent_run_delay_ns: int
+
+    @classmethod
+    def now(cls, agent_pid: int | None) -> Contention:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return cls(monotonic=time.monotonic(), pressure_us=int(some.rpartition("total=")[2]),
+                   agent_run_delay_ns=_run_delay_ns(agent_pid))
+
+    def since(self, agent_pid: int | None) -> dict[str, float]:
+        later = Contention.now(agent_pid)
+        elapsed_s = later.monotonic - self.monotonic
+        return {"phase_s": round(elapsed_s, 1),
+                "cpu_pressure_some_pct": round((later.pressure_us - self.pressure_us) / 1e4 / elapsed_s, 1),
+                "agent_run_delay_ms": round((later.agent_run_delay_ns - self.agent_run_delay_ns) / 1e6, 1)}
+
+
+def _run_delay_ns(pid: int | None) -> int:
+    if pid is None:
+        return 0
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            total += int((task / "schedstat").read_text().split()[1])
+    return total
 
 
 def _rank(sorted_values: list[float], q: float) -> float:
@@ -317,7 +393,8 @@ def measure(kube: KubeCluster, workdir: Path, settings: Settings, cpus: Cpus) ->
             if setup.returncode != 0:
                 raise RuntimeError(setup.stderr)
             bench = Bench(kube=kube, node=node, node_name=name, namespace=unique("first-request"), cpus=cpus)
-            with agent(bench, workdir):
+            with agent(bench, workdir) as agent_process:
+                bench.agent_pid = agent_process.pid
                 phases = {"after_1s": run_phase(bench, prefix="late", delay_s=CALL_AFTER_S, settings=settings),
                           "at_once": run_phase(bench, prefix="eager", delay_s=0.0, settings=settings)}
         finally:
@@ -340,6 +417,13 @@ def render(result: dict[str, Any]) -> str:
     for name, p in result["phases"].items():
         lines.append(f"| {name} | {p['requests']} | {p['errors']} | {p['p50_ms']} | {p['p99_ms']} | {p['max_ms']} "
                      f"| {p['foreign_or_invalid_tokens']} |")
+    for name, p in result["phases"].items():
+        stages = ", ".join(f"{stage} p50 {v['p50_ms']} / max {v['max_ms']}" for stage, v in p["stages_ms"].items())
+        lines.append(f"{name} stages (ms): {stages}; agent's own answer times (ms, cumulative): "
+                     + ", ".join(f"<={b}: {int(n)}" for b, n in p["agent_answers_within_ms"].items() if b != "inf"))
+        c = p["cpu_contention"]
+        lines.append(f"{name} contention: some task waited for a CPU {c['cpu_pressure_some_pct']} % of the "
+                     f"{c['phase_s']} s; the agent waited {c['agent_run_delay_ms']} ms for its core")
     lines += ["", "targets: " + ", ".join(f"{t}: {'ok' if ok else 'MISSED'}" for t, ok in result["targets"].items())]
     return "\n".join(lines)
 
