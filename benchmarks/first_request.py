@@ -105,7 +105,7 @@ for line in sys.stdin:
         time.sleep(left)
     waited = run_delay_s()
     started = time.monotonic()
-    out = {"late_s": started - at}
+    out = {"late_s": started - at, "started_monotonic": started}
     try:
         socket.getaddrinfo("169.254.169.254", 80, 0, socket.SOCK_STREAM)
         resolved = time.monotonic()
