@@ -48,13 +48,16 @@ unit: $(TEST_STAMP)
 
 test: $(TEST_STAMP) clients kube-testenv lint typecheck unit
 
-# A new pod's first request in node mode (issue #11) needs root (network namespaces, iptables) and
-# the kube test bed (built on first use); it takes --quick and --check from BENCH_ARGS.
+# Node mode's benchmarks on a simulated node (issue #11: a new pod's first request; surge upgrades
+# and crash restarts under load) need root (network namespaces, iptables) and the kube test bed
+# (built on first use); they take --quick (and first_request.py --check) from BENCH_ARGS.
 bench: $(TEST_STAMP)
 	command -v wrk >/dev/null || apt-get install -y --no-install-recommends wrk
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 	if [ "$$(id -u)" = 0 ]; then $(BIN)/python benchmarks/first_request.py $(filter --quick --check,$(BENCH_ARGS)); \
 	else echo "benchmarks/first_request.py skipped: it needs root" >&2; fi
+	if [ "$$(id -u)" = 0 ]; then $(BIN)/python benchmarks/node_upgrade.py $(filter --quick,$(BENCH_ARGS)); \
+	else echo "benchmarks/node_upgrade.py skipped: it needs root" >&2; fi
 
 # Regenerate the image's pinned, hash-checked runtime dependencies after changing pyproject.toml.
 lock:
