@@ -1,4 +1,4 @@
-"""Command line: ``metaemu serve | demo | node-setup | credential-provider | probe | version``. Flags,
+"""Command line: ``metaemu serve | demo | node-setup | credential-provider | probe | webhook | version``. Flags,
 logging and process exit codes only; no business logic. Exit codes: 0 success or clean SIGTERM, 2 configuration
 or start-up error.
 """
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("probe", add_help=False,
                    help="node mode's exec probe: `probe ready|live --socket PATH` asks this pod's agent over "
                    "its admin_socket")
+    sub.add_parser("webhook", add_help=False,
+                   help="a mutating admission webhook injecting metaemu as a sidecar into pods that opt in "
+                   "(manifests/webhook)")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -60,6 +63,10 @@ def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = 
         from metaemu.image_credentials import main as credential_provider
 
         return credential_provider(arguments[1:], stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, environ=env)
+    if arguments[:1] == ["webhook"]:  # its own flags and configuration (metaemu.webhook.settings)
+        from metaemu.webhook.main import main as webhook
+
+        return webhook(arguments[1:], environ=env)
     args = _parser().parse_args(arguments)
     if args.command == "version":
         print(f"metaemu {__version__}")
@@ -74,12 +81,15 @@ def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = 
     from metaemu.server.runner import MetaemuServer
 
     config_path = args.config or (Path(env["METAEMU_CONFIG"]) if env.get("METAEMU_CONFIG") else None)
-    if config_path is None and args.credential_config is None:
-        print("metaemu: --config (or METAEMU_CONFIG) or --credential-config is required", file=sys.stderr)
+    # The whole document in a variable: what `metaemu webhook` gives an injected sidecar (no file to mount).
+    document = env.get("METAEMU_CONFIG_YAML") if config_path is None else None
+    if config_path is None and args.credential_config is None and not document:
+        print("metaemu: --config (or METAEMU_CONFIG, METAEMU_CONFIG_YAML) or --credential-config is required",
+              file=sys.stderr)
         return EXIT_CONFIG
     try:
         config = load_config(path=config_path, credential_config=args.credential_config, env=env,
-                             hostname=socket.gethostname())
+                             hostname=socket.gethostname(), document=document)
     except ConfigError as exc:
         print(f"metaemu: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -329,11 +329,15 @@ def load_config(
     credential_config: Path | None = None,
     env: Mapping[str, str],
     hostname: str = "localhost",
+    document: str | None = None,
 ) -> Config:
-    """Build the ``Config`` from a YAML file, an optional credential configuration and ``env``."""
+    """Build the ``Config`` from a YAML file (or ``document``, the file's text itself), an optional
+    credential configuration and ``env``."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(path)
+    elif document is not None:
+        raw = _parse_yaml(document, "METAEMU_CONFIG_YAML")
     if credential_config is not None:
         wi = raw.setdefault("workload_identity", {})
         if not isinstance(wi, dict):
@@ -357,14 +361,19 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
+    return _parse_yaml(text, str(path))
+
+
+def _parse_yaml(text: str, where: str) -> dict[str, Any]:
+    key = "--config" if where != "METAEMU_CONFIG_YAML" else where
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(key, f"{where} is not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError("--config", f"{path} must contain a mapping at the top level")
+        raise ConfigError(key, f"{where} must contain a mapping at the top level")
     return data
 
 
