@@ -2,7 +2,8 @@
 against the Kubernetes schemas, strictly (unknown fields rejected), on the oldest Kubernetes
 each supports (native sidecars: 1.29; node mode's admission policy: 1.30) and the newest the
 validator knows. Custom resources
-(PodMonitor, PrometheusRule) are checked for their apiVersion and kind."""
+(PodMonitor, PrometheusRule, cert-manager's Issuer and Certificate) are checked for their apiVersion
+and kind."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import yaml
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 KUSTOMIZATIONS = sorted(p.parent for p in MANIFESTS.rglob("kustomization.yaml"))
 CUSTOM = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
-          ("monitoring.coreos.com/v1", "ServiceMonitor")}
+          ("monitoring.coreos.com/v1", "ServiceMonitor"),
+          ("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate")}
 
 #: Kustomizations whose oldest supported Kubernetes is newer than 1.29: node mode ships a
 #: ValidatingAdmissionPolicy, admissionregistration.k8s.io/v1 from 1.30.
