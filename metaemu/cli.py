@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = 
     # The whole document in a variable: what `metaemu webhook` gives an injected sidecar (no file to mount).
     document = env.get("METAEMU_CONFIG_YAML") if config_path is None else None
     if config_path is None and args.credential_config is None and not document:
-        print("metaemu: --config (or METAEMU_CONFIG, METAEMU_CONFIG_YAML) or --credential-config is required",
+        print("metaemu: --config (or METAEMU_CONFIG), METAEMU_CONFIG_YAML or --credential-config is required",
               file=sys.stderr)
         return EXIT_CONFIG
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from metaemu import cli, image_credentials, node_setup
+from metaemu.webhook import main as webhook
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -21,8 +22,9 @@ def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
     top = cli._parser()
     (sub,) = (a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     parsers = dict(sub.choices)
-    # These two parse their own arguments (their subparsers only route to them).
+    # These parse their own arguments (their subparsers only route to them).
     parsers["node-setup"] = node_setup.build_parser()
+    parsers["webhook"] = webhook.build_parser()
     parsers["credential-provider"] = image_credentials.build_parser({})
     return parsers
 

@@ -106,3 +106,11 @@ def test_the_webhook_pod_is_restricted() -> None:
     assert container["securityContext"] == {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
                                             "capabilities": {"drop": ["ALL"]}}
     assert one(BASE, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_the_readmes_webhook_configuration_parses_and_its_sidecar_too() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- webhook-config -->\n```yaml\n", 1)[1].split("```", 1)[0]
+    settings = parse_settings(yaml.safe_load(block), base_dir=Path("/"))
+    check_sidecar_config(settings)
+    assert settings.sidecar.default_variant == "loopback"
