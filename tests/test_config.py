@@ -241,3 +241,17 @@ def test_node_mode_config_errors_name_the_key(mutate: Any, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse(raw)
     assert err.value.key == key
+
+
+def test_the_configuration_document_itself_loads_like_a_file_metaemu_config_yaml() -> None:
+    """What ``metaemu webhook`` gives an injected sidecar (issue #14): the document in a variable,
+    environment overrides applying on top as for a file."""
+    document = json.dumps({"listen": "127.0.0.1:8988", "admin_listen": "127.0.0.1:8989", "project_id": "p",
+                           "numeric_project_id": "1", "workload_identity": {
+                               "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/"
+                                           "p/providers/q",
+                               "source": {"type": "kubernetes", "token_file": "/var/run/secrets/metaemu/token"}}})
+    config = load_config(path=None, document=document, env={"METAEMU_LOG_LEVEL": "debug"})
+    assert (str(config.listen), config.log_level) == ("127.0.0.1:8988", "debug")
+    with pytest.raises(ConfigError, match=r"^METAEMU_CONFIG_YAML: METAEMU_CONFIG_YAML must contain a mapping"):
+        load_config(path=None, document="[1]", env={})
