@@ -40,8 +40,9 @@ POD_SECURITY_ENFORCE = "pod-security.kubernetes.io/enforce"
 #: capability set, "restricted" only NET_BIND_SERVICE (Pod Security Standards).
 NO_NET_ADMIN_LEVELS = frozenset({"baseline", "restricted"})
 #: Namespaces never injected whatever their labels (the MutatingWebhookConfiguration excludes them
-#: too): the control plane's own, and the webhook's (its pods must start while it is down).
-ALWAYS_EXCLUDED = frozenset({"kube-system", "kube-node-lease", "kube-public"})
+#: too): the control plane's own, and node mode's agent (manifests/node); the webhook's own is
+#: ``own_namespace`` (its pods must start while it is down).
+ALWAYS_EXCLUDED = frozenset({"kube-system", "kube-node-lease", "kube-public", "metaemu-system"})
 _GOOGLE_ACCOUNT = re.compile(r"^[^@/\s]+@[^@/\s]+\.[a-z]{2,}$")
 
 

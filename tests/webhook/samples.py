@@ -14,7 +14,7 @@ GOOGLE_ACCOUNT = "app@my-project.iam.gserviceaccount.com"
 
 
 def settings(**sidecar: Any) -> WebhookSettings:
-    raw = {"listen": "127.0.0.1:0", "namespace": "metaemu-system",
+    raw = {"listen": "127.0.0.1:0", "namespace": "metaemu-webhook",
            "tls": {"generate": {"service": "metaemu-webhook", "webhook_configuration": "metaemu-webhook"}},
            "sidecar": {"image": "ghcr.io/metaemu/metaemu:0.1.0", "audience": AUDIENCE,
                        "config": {"project_id": "my-project", "numeric_project_id": "123456789012"}, **sidecar}}

@@ -160,8 +160,9 @@ def test_the_pod_label_wins_over_the_namespace_label(pod_label: str | None, name
     assert isinstance(run(pod, namespace(labels=labels)), expected)
 
 
-@pytest.mark.parametrize("name", ["kube-system", "metaemu-system"])
-def test_kube_system_and_the_webhooks_own_namespace_are_never_injected(name: str) -> None:
+@pytest.mark.parametrize("name", ["kube-system", "kube-public", "metaemu-system", "metaemu-webhook"])
+def test_kube_system_node_mode_and_the_webhooks_own_namespace_are_never_injected(name: str) -> None:
+    assert settings().namespace == "metaemu-webhook"  # the webhook's own, from its configuration
     assert isinstance(run(sample_pod(), namespace(name, labels={"metaemu.dev/inject": "true"})), Untouched)
 
 
