@@ -60,9 +60,11 @@ class WebhookServer:
         self._clock = clock or SystemClock()
         connection = (KubeConnection.from_kubeconfig(settings.kubeconfig) if settings.kubeconfig
                       else KubeConnection.in_cluster(env))
-        self._own_http = AiohttpClient(ssl_context=connection.ssl_context()) if http is None else None
-        self._kube = WebhookKubeClient(connection=connection, http=http or self._own_http,  # type: ignore[arg-type]
-                                       clock=self._clock, metrics=create_metrics(), timeout_s=API_TIMEOUT_S)
+        self._own_http: AiohttpClient | None = None
+        if http is None:  # the API server's CA only (KubeConnection.ssl_context)
+            http = self._own_http = AiohttpClient(ssl_context=connection.ssl_context())
+        self._kube = WebhookKubeClient(connection=connection, http=http, clock=self._clock,
+                                       metrics=create_metrics(), timeout_s=API_TIMEOUT_S)
         self._generated = (generate_certificate(settings.tls.generate, namespace=settings.namespace,
                                                 now=self._clock.now()) if settings.tls.generate else None)
         if self._generated is not None:
@@ -95,9 +97,7 @@ class WebhookServer:
         site = web.TCPSite(self._runner, self.settings.listen.host, self.settings.listen.port,
                            ssl_context=self.tls.context)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self.settings.listen.port
+        self.port = int(self._runner.addresses[0][1])  # the bound port (listen may say 0)
         log.info("webhook serving", extra={"listen": f"{self.settings.listen.host}:{self.port}"})
 
     async def stop(self) -> None:
