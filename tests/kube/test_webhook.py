@@ -67,11 +67,20 @@ def validate(pod: dict[str, Any]) -> None:
         kubernetes_validate.validate(pod, version, strict=True)
 
 
-async def test_the_webhook_writes_its_ca_into_both_webhooks_through_its_own_rbac(world: WebhookWorld) -> None:
+async def test_the_webhook_writes_its_ca_into_both_webhooks_with_rbac_for_that_object_only(world: WebhookWorld) -> None:
     configuration = await world.configuration()
     bundles = {w["clientConfig"]["caBundle"] for w in configuration["webhooks"]}
     assert world.server.ca_pem is not None
     assert bundles == {base64.b64encode(world.server.ca_pem).decode()}
+    # manifests/webhook's RBAC allows exactly that object: no other configuration, no lists, no secrets.
+    me = "system:serviceaccount:metaemu-webhook:metaemu-webhook"
+    configurations = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
+    for method, path, body in (("GET", f"{configurations}/another", None), ("GET", configurations, None),
+                               ("PATCH", f"{configurations}/another", []), ("GET", "/api/v1/serviceaccounts", None),
+                               ("GET", "/api/v1/namespaces/metaemu-webhook/secrets", None)):
+        reply = await world.call(world.cluster.request, method, path, body, impersonate=me,
+                                 content_type="application/json-patch+json")
+        assert reply.status == 403, (method, path, reply.body)
 
 
 async def test_a_pod_of_an_opted_in_namespace_comes_back_with_the_loopback_variant(world: WebhookWorld) -> None:
