@@ -100,6 +100,11 @@ async def test_a_pod_of_an_opted_in_namespace_comes_back_with_the_loopback_varia
     assert document["listen"] == "169.254.169.254:80"
     assert document["workload_identity"]["service_account"] == GOOGLE_ACCOUNT
     validate(pod)
+    # An unannotated service account: the federated principal, no Google account to impersonate.
+    status, plain = await world.create_pod(namespace, app_pod("plain", service_account="plain"))
+    assert status == 201, plain
+    (sidecar,) = [c for c in plain["spec"]["initContainers"] if c["name"] == "metaemu"]
+    assert "service_account" not in json.loads(env_of(sidecar)["METAEMU_CONFIG_YAML"])["workload_identity"]
 
 
 async def test_restricted_namespaces_get_the_environment_variant_and_pod_security_admits_it(
