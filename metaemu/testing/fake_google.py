@@ -136,6 +136,10 @@ class FakeGoogle:
     def revoke(self, email: str, principal: str) -> None:
         self._iam.revoke(email, principal)
 
+    def disable_service_account(self, email: str, *, disabled: bool = True) -> None:
+        """Disable ``email`` (``disabled=False`` enables it again): IAM then refuses to mint for it."""
+        self._iam.set_disabled(email, disabled)
+
     def principal_for(self, audience: str, sub: str) -> str:
         """``principal://iam.googleapis.com/<pool>/subject/<sub>`` for the provider ``audience``."""
         return self._sts.principal_for(audience, sub)

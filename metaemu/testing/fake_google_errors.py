@@ -105,6 +105,15 @@ def permission_denied(permission: str) -> HttpResponse:
     )
 
 
+def account_disabled() -> HttpResponse:
+    """What IAM Credentials answers a permitted caller whose target (or delegate) account is
+    disabled: 400 FAILED_PRECONDITION "Precondition check failed." [rep: the shape users report for
+    disabled accounts; no capture in the public corpus pins it, so metaemu doctor also accepts any
+    FAILED_PRECONDITION from IAM as "disabled"]."""
+    error = {"code": 400, "message": "Precondition check failed.", "status": "FAILED_PRECONDITION"}
+    return json_response(400, {"error": error})
+
+
 def unauthenticated(reason: str, *, service: str, method: str) -> HttpResponse:
     """401 UNAUTHENTICATED; ``reason`` is Google's ErrorInfo reason (``CREDENTIALS_MISSING``,
     ``ACCESS_TOKEN_EXPIRED``, ``ACCESS_TOKEN_TYPE_UNSUPPORTED``)."""

@@ -23,6 +23,7 @@ from urllib.parse import unquote
 from metaemu.clock import Clock
 from metaemu.errors import ConfigError
 from metaemu.testing.fake_google_errors import (
+    account_disabled,
     insufficient_scopes,
     invalid_argument,
     invalid_json,
@@ -80,6 +81,7 @@ class IamService:
         self._signer = signer
         self._accounts: dict[str, ServiceAccount] = {}
         self._grants: dict[str, set[str]] = {}
+        self._disabled: set[str] = set()
 
     def add_service_account(self, email: str, unique_id: str | None = None) -> ServiceAccount:
         # A stable ID derived from the email keeps assertions on ``sub`` reproducible.
@@ -96,6 +98,12 @@ class IamService:
 
     def revoke(self, email: str, principal: str) -> None:
         self._grants_of(email).discard(principal)
+
+    def set_disabled(self, email: str, disabled: bool) -> None:
+        """Disable (or re-enable) ``email``, as ``gcloud iam service-accounts disable`` does: callers
+        with the permission then get 400 FAILED_PRECONDITION (``account_disabled``)."""
+        self._grants_of(email)
+        (self._disabled.add if disabled else self._disabled.discard)(email)
 
     def _grants_of(self, email: str) -> set[str]:
         if email not in self._grants:
@@ -159,6 +167,8 @@ class IamService:
         for hop in [*chain, target]:
             if not _granted(self._grants.get(hop.email, set()), principal):
                 raise _Refusal(permission_denied(permission))
+            if hop.email in self._disabled:  # only after the grant: a stranger learns nothing
+                raise _Refusal(account_disabled())
             principal = f"serviceAccount:{hop.email}"
         return target
 

@@ -17,7 +17,12 @@ from typing import Any
 
 import jwt
 
-from metaemu.testing.fake_google_sts import StsRejection, SubjectCheck, WorkloadIdentityProvider
+from metaemu.testing.fake_google_sts import (
+    ATTRIBUTE_CONDITION_REJECTED,
+    StsRejection,
+    SubjectCheck,
+    WorkloadIdentityProvider,
+)
 
 #: Signature algorithms STS accepts for OIDC subject tokens (REST reference; upstream.md §1.1).
 ACCEPTED_ALGORITHMS = ("RS256", "ES256")
@@ -47,6 +52,8 @@ async def verify_jwt_subject(check: SubjectCheck) -> str:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise StsRejection("invalid_grant", "The ID Token has no 'sub' claim.")
+    if provider.attribute_condition is not None and not provider.attribute_condition(claims):
+        raise StsRejection("unauthorized_client", ATTRIBUTE_CONDITION_REJECTED)
     return subject
 
 

@@ -39,6 +39,18 @@ REPORTED_EXPIRES_IN_S = 3599
 MAX_OPTIONS_CHARS = 4096
 FEDERATED_TOKEN_PREFIX = "ya29.fed-"
 
+#: What STS answers a credential the provider's attribute condition rejects, as google-auth surfaced
+#: it: ``{"error":"unauthorized_client","error_description":"The given credential is rejected by the
+#: attribute condition."}`` (reported in circleci/circleci-docs#8541).
+ATTRIBUTE_CONDITION_REJECTED = "The given credential is rejected by the attribute condition."
+#: What STS answers an audience that is not a provider's full resource name, e.g. a project ID where
+#: the project number belongs (reported in google-github-actions/auth#60, error ``invalid_request``).
+INVALID_AUDIENCE = ("Invalid value for \"audience\". This value should be the full resource name of the Identity "
+                    "Provider. See https://cloud.google.com/iam/docs/reference/sts/rest/v1/TopLevel/token for the "
+                    "list of possible formats.")
+#: A workload provider name whose project segment is not a project number.
+_PROJECT_ID_AUDIENCE = re.compile(r"^//iam\.googleapis\.com/projects/(?![0-9]+/)[^/]+/locations/global/"
+                                  r"workloadIdentityPools/")
 INVALID_TARGET = ("The target service indicated by the \"audience\" parameters is invalid. This might "
                   "either be because the pool or provider is disabled or deleted or because it doesn't "
                   "exist.")
@@ -73,6 +85,11 @@ class WorkloadIdentityProvider:
     project_number: str | None = None
     #: An X.509 provider's trust store and subject mapping (issue #14; ``fake_google_x509``).
     x509: X509Federation | None = field(default=None, repr=False)
+    #: The provider's attribute condition (a CEL expression on Google's side), as a predicate over
+    #: the verified assertion's claims; None accepts every credential. A rejection answers
+    #: ``unauthorized_client`` (ATTRIBUTE_CONDITION_REJECTED).
+    attribute_condition: Callable[[Mapping[str, Any]], bool] | None = field(default=None, repr=False,
+                                                                            compare=False)
     #: The pool's resource name, ``projects/N/locations/global/workloadIdentityPools/POOL``.
     pool: str = field(init=False, default="")
 
@@ -174,6 +191,8 @@ class StsService:
         try:
             exchange = _parse_exchange(request)
             provider = self._providers.get(exchange.audience)
+            if provider is None and _PROJECT_ID_AUDIENCE.match(exchange.audience):
+                raise StsRejection("invalid_request", INVALID_AUDIENCE)
             if provider is None:
                 raise StsRejection("invalid_target", INVALID_TARGET)
             verifier = self._verifiers.get(exchange.subject_token_type)

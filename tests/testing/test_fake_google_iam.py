@@ -255,3 +255,15 @@ async def test_a_service_account_token_can_call_iam_as_that_account(google: Fake
     sa_token = (await call(google, "generateAccessToken", sa_body, token=await federated(google, issuer))).decoded()
     response = await call(google, "generateIdToken", {"audience": "a"}, token=sa_token["accessToken"], account=other)
     assert response.status == 200
+
+
+async def test_a_disabled_account_is_400_failed_precondition_for_a_permitted_caller_only(
+        google: FakeGoogle, issuer: FakeIssuer) -> None:
+    google.disable_service_account(SA)
+    error = rpc_error(await call(google, "generateAccessToken", ACCESS_BODY, token=await federated(google, issuer)), 400)
+    assert error == {"code": 400, "message": "Precondition check failed.", "status": "FAILED_PRECONDITION"}
+    stranger = await federated(google, issuer, sub="system:serviceaccount:apps:other")
+    assert rpc_error(await call(google, "generateAccessToken", ACCESS_BODY, token=stranger), 403)["status"] == (
+        "PERMISSION_DENIED")
+    google.disable_service_account(SA, disabled=False)
+    assert (await call(google, "generateAccessToken", ACCESS_BODY, token=await federated(google, issuer))).status == 200

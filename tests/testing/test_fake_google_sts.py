@@ -268,3 +268,24 @@ def test_provider_names_are_validated() -> None:
         WorkloadIdentityProvider(audience=AUDIENCE, jwks={"keys": []})
     with pytest.raises(ConfigError, match="audience"):
         FakeGoogle(clock=FakeClock()).principal_for(AUDIENCE, "s")
+
+
+async def test_a_credential_the_attribute_condition_rejects_is_unauthorized_client_as_google_words_it(
+        clock: FakeClock, issuer: FakeIssuer) -> None:
+    # The body users report (circleci/circleci-docs#8541), for issue #14's doctor.
+    google = FakeGoogle(clock=clock)
+    google.add_provider(WorkloadIdentityProvider(audience=AUDIENCE, issuer=ISSUER, jwks=issuer.jwks(),
+                                                 attribute_condition=lambda claims: claims["sub"].endswith(":prod")))
+    assert rejection(await exchange(google, kube_token(issuer))) == (
+        "unauthorized_client", "The given credential is rejected by the attribute condition.")
+    allowed = issuer.mint(sub="system:serviceaccount:apps:prod", audience=[AUDIENCE])
+    assert (await exchange(google, allowed)).status == 200
+
+
+async def test_an_audience_naming_a_project_id_is_invalid_request_as_google_words_it(
+        google: FakeGoogle, issuer: FakeIssuer) -> None:
+    # google-github-actions/auth#60: a project ID where the number belongs.
+    audience = "//iam.googleapis.com/projects/my-project/locations/global/workloadIdentityPools/pool-1/providers/kube"
+    error, description = rejection(await exchange(google, kube_token(issuer), audience=audience))
+    assert error == "invalid_request"
+    assert description.startswith('Invalid value for "audience". This value should be the full resource name')
