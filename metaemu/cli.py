@@ -1,6 +1,6 @@
-"""Command line: ``metaemu serve | demo | node-setup | credential-provider | probe | webhook | version``. Flags,
-logging and process exit codes only; no business logic. Exit codes: 0 success or clean SIGTERM, 2 configuration
-or start-up error.
+"""Command line: ``metaemu serve | demo | doctor | node-setup | credential-provider | probe | webhook |
+version``. Flags, logging and process exit codes only; no business logic. Exit codes: 0 success or clean
+SIGTERM, 2 configuration or start-up error.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--listen", default="127.0.0.1:8080", help="metadata address (default %(default)s)")
     demo.add_argument("--admin-listen", default="127.0.0.1:8081", help="admin address (default %(default)s)")
     demo.add_argument("--profile", choices=("gce", "gke"), default="gke")
+    sub.add_parser("doctor", add_help=False,
+                   help="run the credential chain step by step; stop at the first broken link with the fix")
     sub.add_parser("node-setup", add_help=False,
                    help="node mode: install and verify the interception rules (init container, NET_ADMIN)")
     sub.add_parser("credential-provider", add_help=False,
@@ -55,6 +57,10 @@ def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = 
         from metaemu.node_setup import main as node_setup
 
         return node_setup(arguments[1:], environ=env)
+    if arguments[:1] == ["doctor"]:  # its own flags and exit status (0 only when the chain works)
+        from metaemu.doctor.cli import main as doctor
+
+        return doctor(arguments[1:], environ=env)
     if arguments[:1] == ["probe"]:  # kubelet runs it every few seconds: nothing heavy is imported
         from metaemu.probe import main as probe
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from metaemu import cli, image_credentials, node_setup
+from metaemu.doctor import cli as doctor_cli
 from metaemu.webhook import main as webhook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,7 @@ def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
     parsers["node-setup"] = node_setup.build_parser()
     parsers["webhook"] = webhook.build_parser()
     parsers["credential-provider"] = image_credentials.build_parser({})
+    parsers["doctor"] = doctor_cli.build_parser()
     return parsers
 
 

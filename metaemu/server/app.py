@@ -97,7 +97,7 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
         assert wi is not None
         source = build_source(wi.source, SourceContext(clock=clock, http=http, metrics=metrics, audience=wi.audience,
                                                        service_account=wi.service_account))
-        chain = _impersonation(wi, source)
+        chain = sidecar_impersonation(wi, source)
         pipeline = Pipeline(
             identity=Identity(audience=wi.audience, service_account=chain.service_account if chain else None,
                               delegates=chain.delegates if chain else (), default_scopes=wi.scopes,
@@ -120,7 +120,7 @@ def build_components(*, config: Config, clock: Clock, metrics: Metrics, http: Ht
                       fast=fast, passthrough=passthrough)
 
 
-def _impersonation(wi: WorkloadIdentity, source: SubjectTokenSource) -> Impersonation | None:
+def sidecar_impersonation(wi: WorkloadIdentity, source: SubjectTokenSource) -> Impersonation | None:
     """Whom sidecar mode impersonates: the chain the source's credentials name (an
     impersonated_service_account file, #14), else ``workload_identity.service_account``."""
     declared = source.impersonation() if isinstance(source, DeclaresImpersonation) else None

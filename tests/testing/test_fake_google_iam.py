@@ -260,7 +260,8 @@ async def test_a_service_account_token_can_call_iam_as_that_account(google: Fake
 async def test_a_disabled_account_is_400_failed_precondition_for_a_permitted_caller_only(
         google: FakeGoogle, issuer: FakeIssuer) -> None:
     google.disable_service_account(SA)
-    error = rpc_error(await call(google, "generateAccessToken", ACCESS_BODY, token=await federated(google, issuer)), 400)
+    permitted = await federated(google, issuer)
+    error = rpc_error(await call(google, "generateAccessToken", ACCESS_BODY, token=permitted), 400)
     assert error == {"code": 400, "message": "Precondition check failed.", "status": "FAILED_PRECONDITION"}
     stranger = await federated(google, issuer, sub="system:serviceaccount:apps:other")
     assert rpc_error(await call(google, "generateAccessToken", ACCESS_BODY, token=stranger), 403)["status"] == (
