@@ -86,7 +86,8 @@ def _config_step(report: Report, args: argparse.Namespace, environ: Mapping[str,
         report.add(Check(name="config", status="fail", summary=str(exc), diagnosis="config.invalid",
                          fix=f"correct {exc.key} (README, Configuration reference)"))
         return None
-    audience = config.node.audience if config.node else config.workload_identity.audience  # type: ignore[union-attr]
+    wi = config.workload_identity
+    audience = config.node.audience if config.node else wi.audience if wi else ""
     report.add(Check(name="config", status="ok", summary=f"valid ({config.mode} mode)", details={
         "project": f"{config.project_id} ({config.numeric_project_id})", "audience": audience or "(none)",
         "sts": config.endpoints.sts, "iam_credentials": config.endpoints.iam_credentials}))

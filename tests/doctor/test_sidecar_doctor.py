@@ -277,3 +277,17 @@ async def test_the_cli_runs_the_doctor_and_its_exit_status_says_whether_the_chai
         text = out.decode()
         assert "[ok]   sts exchange" in text and "[ok]   impersonation" in text
         assert "[FAIL] metadata server" in text and "the chain is broken" in text
+
+
+async def test_pod_is_refused_outside_node_mode_as_a_config_failure(
+        world: World, tmp_path: Path, google_url: str, clock: FakeClock) -> None:
+    config = write_config(world, tmp_path, google_url)
+    outcome = await run_doctor(["--config", str(config), "--pod", "apps/web"], clock=clock)
+    assert outcome.status == 1
+    assert outcome.failed["summary"] == "--pod: only in node mode (mode: node)"
+    assert world.google.calls["sts"] == 0
+
+
+async def test_no_config_at_all_is_a_config_failure(clock: FakeClock) -> None:
+    outcome = await run_doctor([], clock=clock)
+    assert outcome.failed["summary"] == "--config: required (or METAEMU_CONFIG, or --credential-config)"
