@@ -42,7 +42,7 @@ from metaemu import eventloop
 from metaemu.config import parse_config
 from metaemu.logs import setup_logging
 from metaemu.pods.agent import NodeAgent
-from metaemu.server.runner import MetaemuServer
+from metaemu.server.runner import MetaemuServer, freeze_startup_heap
 from metaemu.testing.fake_google import FakeGoogle
 from metaemu.testing.fake_google_sts import WorkloadIdentityProvider
 from metaemu.testing.world import AUDIENCE, CLUSTER_ISSUER, PROJECT_ID, PROJECT_NUMBER
@@ -143,6 +143,7 @@ async def _run_until_stopped(server: MetaemuServer, on_synced: Callable[[], None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    freeze_startup_heap()  # as serve_until_signalled does
     agent = server.components.contexts
     assert isinstance(agent, NodeAgent)
 
