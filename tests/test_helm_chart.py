@@ -99,3 +99,13 @@ def test_bad_values_fail_with_the_schemas_message() -> None:
     assert out.returncode != 0 and "node.passthrough" in out.stderr.replace("/", ".")
     out = template("--set", "webhook.enabled=true")
     assert out.returncode != 0 and "webhook" in out.stderr
+
+
+def test_no_startup_taint_drops_the_nodes_rule_and_the_taint_policy() -> None:
+    rendered = objects("--set", "node.startupTaint=")
+    config = yaml.safe_load(rendered[("ConfigMap", "metaemu")]["data"]["metaemu.yaml"])
+    assert config["node"]["startup_taint"] == ""
+    assert ("ValidatingAdmissionPolicy", "metaemu-node-taint") not in rendered
+    assert ("ValidatingAdmissionPolicyBinding", "metaemu-node-taint") not in rendered
+    rules = rendered[("ClusterRole", "metaemu-node")]["rules"]
+    assert ["nodes"] not in [r["resources"] for r in rules]
