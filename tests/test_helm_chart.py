@@ -1,6 +1,7 @@
 """charts/metaemu (issue #14), judged by a real helm built from helm.sh/helm/v4 (scripts/helm.sh):
-lint --strict clean; its defaults render exactly the objects of manifests/node (+ metrics and
-monitoring when switched on); cross-referenced values come from one value; bad values fail."""
+lint --strict clean; its defaults render exactly the objects of manifests/node (+ metrics,
+monitoring and manifests/webhook when switched on); cross-referenced values come from one value;
+bad values fail."""
 
 from __future__ import annotations
 
@@ -80,7 +81,9 @@ def test_non_default_values_render_and_validate_strictly(version: str) -> None:
     audience = "//iam.googleapis.com/projects/42/locations/global/workloadIdentityPools/p/providers/c"
     rendered = objects("--set", f"node.audience={audience}", "--set", "node.passthrough={aws}",
                        "--set", "node.agentUid=61000", "--set", "metrics.enabled=true",
-                       "--set", "monitoring.prometheusRule=true", "--set", "monitoring.dashboard=true")
+                       "--set", "monitoring.prometheusRule=true", "--set", "monitoring.dashboard=true",
+                       "--set", "webhook.enabled=true", "--set", "webhook.defaultVariant=environment")
+    assert ("MutatingWebhookConfiguration", "metaemu-webhook") in rendered
     for (kind, _), resource in rendered.items():
         if kind not in CUSTOM:
             kubernetes_validate.validate(resource, version, strict=True)
@@ -97,8 +100,34 @@ def test_non_default_values_render_and_validate_strictly(version: str) -> None:
 def test_bad_values_fail_with_the_schemas_message() -> None:
     out = template("--set", "node.passthrough={gcp}")
     assert out.returncode != 0 and "node.passthrough" in out.stderr.replace("/", ".")
-    out = template("--set", "webhook.enabled=true")
-    assert out.returncode != 0 and "webhook" in out.stderr
+    out = template("--set", "webhook.enabled=true", "--set", "webhook.defaultVariant=hostpath")
+    assert out.returncode != 0 and "defaultVariant" in out.stderr
+
+
+def test_the_webhook_renders_exactly_manifests_webhook() -> None:
+    """Sidecar injection (#14): webhook.enabled adds manifests/webhook's objects, in their own
+    namespace, and changes nothing of node mode's."""
+    rendered = objects("--set", "webhook.enabled=true")
+    webhook = {key: obj for key, obj in kustomize("manifests/webhook").items()}
+    for obj in webhook.values():  # its own namespace, not the release's (kustomize() defaults that)
+        if obj["kind"] not in CLUSTER_SCOPED | {"MutatingWebhookConfiguration"}:
+            assert obj["metadata"]["namespace"] == "metaemu-webhook"
+    webhook[("MutatingWebhookConfiguration", "metaemu-webhook")]["metadata"].pop("namespace", None)
+    assert rendered == kustomize("manifests/node") | webhook
+
+
+def test_the_webhooks_sidecars_exchange_at_the_nodes_audience_unless_told_otherwise() -> None:
+    def sidecar(*args: str) -> dict[str, Any]:
+        config = objects("--set", "webhook.enabled=true", *args)[("ConfigMap", "metaemu-webhook")]
+        found: dict[str, Any] = yaml.safe_load(config["data"]["webhook.yaml"])["sidecar"]
+        return found
+    node = "//iam.googleapis.com/projects/42/locations/global/workloadIdentityPools/p/providers/c"
+    other = "//iam.googleapis.com/projects/42/locations/global/workloadIdentityPools/p/providers/apps"
+    assert sidecar("--set", f"node.audience={node}")["audience"] == node
+    chosen = sidecar("--set", f"node.audience={node}", "--set", f"webhook.audience={other}",
+                     "--set", "webhook.defaultVariant=environment", "--set", "projectId=other-project")
+    assert (chosen["audience"], chosen["default_variant"], chosen["config"]["project_id"]) == (
+        other, "environment", "other-project")
 
 
 def test_no_startup_taint_drops_the_nodes_rule_and_the_taint_policy() -> None:
