@@ -147,12 +147,7 @@ def upgrade_world(cluster: KubeCluster, tmp_path: Path, *, pods: int = 3) -> Ite
                 yield world
             finally:
                 for agent in world.agents:
-                    if agent.poll() is None:
-                        agent.terminate()
-                        try:
-                            agent.wait(timeout=15)
-                        except subprocess.TimeoutExpired:
-                            agent.kill()
+                    stop_process(agent)
         finally:
             stop_process(apiserver)
 
