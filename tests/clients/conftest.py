@@ -3,6 +3,7 @@ storage stand-in, for every real client library to be judged against."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +11,12 @@ from typing import Any
 
 import jwt
 import pytest
-from aiohttp import web
 
 from metaemu.server.runner import MetaemuServer
+from metaemu.testing.fake_google import FakeGoogle
 from metaemu.testing.fake_storage import FakeStorage
 from metaemu.testing.world import PROJECT_NUMBER, SERVICE_ACCOUNT, World
+from tests.credentials.support import serve
 from tests.helpers import running_server
 
 AUDIENCE = "https://example.test/aud"
@@ -46,17 +48,18 @@ class Live:
         return claims
 
 
-@pytest.fixture
-async def live(world: World) -> AsyncIterator[Live]:
-    storage = FakeStorage(world.google, project_number=PROJECT_NUMBER)
+@contextlib.asynccontextmanager
+async def storage_stand_in(google: FakeGoogle) -> AsyncIterator[tuple[FakeStorage, str]]:
+    """The Cloud Storage stand-in the clients read BUCKET/hello.txt from, trusting ``google``'s
+    tokens, on a loopback port of its own: (the stand-in, its base URL)."""
+    storage = FakeStorage(google, project_number=PROJECT_NUMBER)
     storage.add_bucket(BUCKET)
     storage.add_object(BUCKET, "hello.txt", b"hi")
-    runner = web.AppRunner(storage.app())
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        async with running_server(world) as server:
-            yield Live(server, world, str(server.metadata_address), storage,
-                       f"http://127.0.0.1:{runner.addresses[0][1]}")
-    finally:
-        await runner.cleanup()
+    async with serve(storage.app()) as url:
+        yield storage, url
+
+
+@pytest.fixture
+async def live(world: World) -> AsyncIterator[Live]:
+    async with storage_stand_in(world.google) as (storage, url), running_server(world) as server:
+        yield Live(server, world, str(server.metadata_address), storage, url)

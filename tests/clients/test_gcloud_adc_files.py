@@ -22,7 +22,6 @@ from typing import Any
 
 import jwt
 import pytest
-from aiohttp import web
 
 from metaemu.config import parse_config
 from metaemu.server.runner import MetaemuServer
@@ -31,7 +30,7 @@ from metaemu.testing.fake_oauth_user import FakeOAuthUser, OAuthClient
 from metaemu.testing.fake_storage import FakeStorage
 from metaemu.testing.world import PROJECT_ID, PROJECT_NUMBER, World
 from tests.clients import harness
-from tests.clients.conftest import AUDIENCE, BUCKET, PYTHON_CLIENT
+from tests.clients.conftest import AUDIENCE, BUCKET, PYTHON_CLIENT, storage_stand_in
 from tests.credentials.sources.gcloud_adc import (
     WORKFORCE_AUDIENCE,
     adc_client,
@@ -73,18 +72,9 @@ async def google(world: World) -> AsyncIterator[Google]:
     workforce = FakeWorkforceSts(google=world.google)
     wf_id, wf_secret = workforce_client()
     workforce.add_client(wf_id, secret=wf_secret)
-    storage = FakeStorage(world.google, project_number=PROJECT_NUMBER)
-    storage.add_bucket(BUCKET)
-    storage.add_object(BUCKET, "hello.txt", b"hi")
-    runner = web.AppRunner(storage.app())
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        async with serve(oauth.app()) as oauth_base, serve(workforce.app()) as wf_base:
-            yield Google(world, oauth, client, oauth_base + "/token", workforce, wf_base, storage,
-                         f"http://127.0.0.1:{runner.addresses[0][1]}")
-    finally:
-        await runner.cleanup()
+    async with storage_stand_in(world.google) as (storage, storage_url), serve(oauth.app()) as oauth_base, \
+            serve(workforce.app()) as wf_base:
+        yield Google(world, oauth, client, oauth_base + "/token", workforce, wf_base, storage, storage_url)
 
 
 @contextlib.asynccontextmanager

@@ -16,18 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from metaemu.clock import SystemClock
 from metaemu.config import load_config
 from metaemu.server.runner import MetaemuServer
 from metaemu.testing.fake_pki import IssuedCertificate
-from metaemu.testing.fake_storage import FakeStorage
 from metaemu.transport import AiohttpClient
 from tests.clients import harness
-from tests.clients.conftest import AUDIENCE, BUCKET, PYTHON_CLIENT
+from tests.clients.conftest import AUDIENCE, BUCKET, PYTHON_CLIENT, storage_stand_in
 from tests.credentials.sources.x509_support import (
-    PROJECT_NUMBER,
     SERVICE_ACCOUNT,
     SPIFFE_ID,
     X509World,
@@ -44,16 +41,8 @@ def world(tmp_path: Path) -> X509World:
 
 @pytest.fixture
 async def storage(world: X509World) -> AsyncIterator[str]:
-    store = FakeStorage(world.google, project_number=PROJECT_NUMBER)
-    store.add_bucket(BUCKET)
-    store.add_object(BUCKET, "hello.txt", b"hi")
-    runner = web.AppRunner(store.app())
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with storage_stand_in(world.google) as (_, url):
+        yield url
 
 
 async def run_python_client(server: MetaemuServer, storage_url: str, tmp_path: Path) -> dict[str, Any]:
