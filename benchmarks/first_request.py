@@ -55,6 +55,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from tests.kube.agent import GSA_ANNOTATION, agent_token, shipped_config, unique  # noqa: E402
 from tests.kube.cluster import KubeCluster, stop_process  # noqa: E402
 from tests.kube.session import running_cluster  # noqa: E402
+from tests.kube.simulated import rules_and_apiserver  # noqa: E402
 from tests.node.netns import NODE_IP, SimulatedNode  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "first_request_results.json"
@@ -385,20 +386,12 @@ def measure(kube: KubeCluster, workdir: Path, settings: Settings, cpus: Cpus) ->
     """Both phases on a fresh simulated node of ``kube``; the figures as JSON-ready data."""
     name = unique("first-request-node")
     kube.node(name)
-    with SimulatedNode(pods=2 * settings.pods_per_phase) as node:
-        apiserver = kube.apiserver_in(node.exec_prefix(node.node_ns), node.node_ns)
-        try:
-            setup = node.run_in(node.node_ns, sys.executable, "-m", "metaemu", "node-setup", "--to", AGENT,
-                                "--pod-interface", "vethpod+", check=False, timeout_s=60)
-            if setup.returncode != 0:
-                raise RuntimeError(setup.stderr)
-            bench = Bench(kube=kube, node=node, node_name=name, namespace=unique("first-request"), cpus=cpus)
-            with agent(bench, workdir) as agent_process:
-                bench.agent_pid = agent_process.pid
-                phases = {"after_1s": run_phase(bench, prefix="late", delay_s=CALL_AFTER_S, settings=settings),
-                          "at_once": run_phase(bench, prefix="eager", delay_s=0.0, settings=settings)}
-        finally:
-            stop_process(apiserver)
+    with SimulatedNode(pods=2 * settings.pods_per_phase) as node, rules_and_apiserver(kube, node, to=AGENT):
+        bench = Bench(kube=kube, node=node, node_name=name, namespace=unique("first-request"), cpus=cpus)
+        with agent(bench, workdir) as agent_process:
+            bench.agent_pid = agent_process.pid
+            phases = {"after_1s": run_phase(bench, prefix="late", delay_s=CALL_AFTER_S, settings=settings),
+                      "at_once": run_phase(bench, prefix="eager", delay_s=0.0, settings=settings)}
     late, eager = phases["after_1s"], phases["at_once"]
     foreign = late["foreign_or_invalid_tokens"] + eager["foreign_or_invalid_tokens"]
     targets = {"after_1s p99 < 10 ms": late["p99_ms"] < P99_TARGET_MS,

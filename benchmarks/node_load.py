@@ -38,6 +38,7 @@ from benchmarks.load import LoadResult, start_wrk, wrk_result  # noqa: E402
 from tests.kube.agent import agent_token, shipped_config, unique  # noqa: E402
 from tests.kube.cluster import KubeCluster, stop_process  # noqa: E402
 from tests.kube.session import running_cluster  # noqa: E402
+from tests.kube.simulated import rules_and_apiserver  # noqa: E402
 from tests.node.netns import NODE_IP, SimulatedNode  # noqa: E402
 
 AGENT = f"{NODE_IP}:8080"
@@ -105,22 +106,14 @@ def simulated_node(workdir: Path) -> Iterator[Bench]:
         kube.kubeconfig(kubeconfig, token=agent_token(kube, name), server=f"https://127.0.0.1:{kube.port}")
         jwks = workdir / "jwks.json"
         jwks.write_text(json.dumps(kube.jwks()))
-        with SimulatedNode(pods=PODS) as node:
-            apiserver = kube.apiserver_in(node.exec_prefix(node.node_ns), node.node_ns)
-            try:
-                setup = node.run_in(node.node_ns, sys.executable, "-m", "metaemu", "node-setup", "--to", AGENT,
-                                    "--pod-interface", "vethpod+", check=False, timeout_s=60)
-                if setup.returncode != 0:
-                    raise RuntimeError(setup.stderr)
-                bench = Bench(node, kube, name, kubeconfig, jwks)
-                namespace = unique("bench")
-                for i in range(1, PODS + 1):
-                    kube.service_account(namespace, f"ksa{i}")
-                    kube.pod(namespace, f"pod{i}", node=name, service_account=f"ksa{i}", ip=node.pod_ip(i),
-                             host_ip=NODE_IP)
-                yield bench
-            finally:
-                stop_process(apiserver)
+        with SimulatedNode(pods=PODS) as node, rules_and_apiserver(kube, node, to=AGENT):
+            bench = Bench(node, kube, name, kubeconfig, jwks)
+            namespace = unique("bench")
+            for i in range(1, PODS + 1):
+                kube.service_account(namespace, f"ksa{i}")
+                kube.pod(namespace, f"pod{i}", node=name, service_account=f"ksa{i}", ip=node.pod_ip(i),
+                         host_ip=NODE_IP)
+            yield bench
 
 
 @contextlib.contextmanager

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from aiohttp import web
 
 from metaemu.clock import Clock
 from metaemu.doctor.cli import doctor
@@ -19,19 +17,6 @@ from metaemu.doctor.reachability import Resolver, system_resolver
 from metaemu.netfilter import CommandRunner
 from metaemu.testing.world import World
 from metaemu.transport import AiohttpClient
-
-
-@contextlib.asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """``app`` on 127.0.0.1, port 0 read back; yields its base URL."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,8 @@ from metaemu.interception import InterceptionRule, install
 from metaemu.netfilter import Netfilter, SubprocessRunner
 from metaemu.testing.fake_google import FakeGoogle
 from metaemu.testing.fake_google_sts import WorkloadIdentityProvider
-from tests.doctor.support import Outcome, run_doctor, serving
+from tests.credentials.support import serve
+from tests.doctor.support import Outcome, run_doctor
 from tests.kube.cluster import ISSUER, KubeCluster
 from tests.node.netns import NODE_IP, SimulatedNode
 
@@ -101,7 +102,7 @@ def test_unreadable_rules_point_at_node_setup_check(tmp_path: Path) -> None:
 async def google(cluster: KubeCluster) -> AsyncIterator[tuple[FakeGoogle, str]]:
     google = FakeGoogle()  # real time, as the API server's tokens carry
     google.add_provider(WorkloadIdentityProvider(audience=AUDIENCE, issuer=ISSUER, jwks=cluster.jwks()))
-    async with serving(google.app()) as url:
+    async with serve(google.app()) as url:
         yield google, url
 
 

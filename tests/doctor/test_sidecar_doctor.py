@@ -25,7 +25,8 @@ from metaemu.testing.world import (
     World,
     build_world,
 )
-from tests.doctor.support import Outcome, run_doctor, serving, write_config
+from tests.credentials.support import serve
+from tests.doctor.support import Outcome, run_doctor, write_config
 from tests.helpers import running_server
 
 OTHER_NUMBER = "999999999999"
@@ -43,7 +44,7 @@ def world(tmp_path: Path, clock: FakeClock) -> World:
 
 @pytest.fixture
 async def google_url(world: World) -> AsyncIterator[str]:
-    async with serving(world.google.app()) as url:
+    async with serve(world.google.app()) as url:
         yield url
 
 
@@ -236,7 +237,7 @@ async def test_the_metadata_address_must_answer_with_metadata_flavor_google(
 
     app = web.Application()
     app.router.add_get("/", plain)
-    async with serving(app) as impostor:
+    async with serve(app) as impostor:
         outcome = await doctor_of(world, tmp_path, google_url, clock, metadata=impostor.removeprefix("http://"))
     assert outcome.failed["diagnosis"] == "metadata.not_google"
 
@@ -267,7 +268,7 @@ async def test_names_that_do_not_resolve_to_the_metadata_address_get_the_hosts_f
 async def test_the_cli_runs_the_doctor_and_its_exit_status_says_whether_the_chain_works(
         tmp_path: Path, refused_port: int) -> None:
     world = build_world(tmp_path)  # real time: a child process
-    async with serving(world.google.app()) as url:
+    async with serve(world.google.app()) as url:
         config = write_config(world, tmp_path, url)
         base = [sys.executable, "-m", "metaemu", "doctor", "--config", str(config), "--metadata-address",
                 f"127.0.0.1:{refused_port}", "--metadata-name", "localhost"]

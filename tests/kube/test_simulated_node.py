@@ -29,6 +29,7 @@ import pytest
 
 from tests.kube.agent import agent_token, shipped_config, unique
 from tests.kube.cluster import KubeCluster, stop_process
+from tests.kube.simulated import rules_and_apiserver
 from tests.node.netns import NODE_IP, SimulatedNode
 
 pytestmark = [pytest.mark.kube, pytest.mark.skipif(
@@ -94,12 +95,8 @@ def simulated_node(cluster: KubeCluster, tmp_path: Path, *agent_args: str,
     with SimulatedNode(pods=3) as node:
         if cloud is not None:
             cloud(node)
-        apiserver = cluster.apiserver_in(node.exec_prefix(node.node_ns), node.node_ns)
-        try:
-            setup = node.run_in(node.node_ns, sys.executable, "-m", "metaemu", "node-setup", "--to", AGENT,
-                                "--pod-interface", "vethpod+", check=False, timeout_s=60)
-            assert setup.returncode == 0, setup.stderr
-            SETUP_LOGS[node.node_ns] = setup.stderr
+        with rules_and_apiserver(cluster, node, to=AGENT) as setup_log:
+            SETUP_LOGS[node.node_ns] = setup_log
             agent = node.popen_in(node.node_ns, sys.executable, "-m", "metaemu.testing.node_world", "--listen", AGENT,
                                   "--control-port", str(CONTROL), "--host-address", NODE_IP, "--node", name,
                                   "--intercept-pod-interface", "vethpod+", "--kubeconfig", str(kubeconfig),
@@ -113,13 +110,7 @@ def simulated_node(cluster: KubeCluster, tmp_path: Path, *agent_args: str,
                     sim.pod(i, sim.ns[i], f"pod{i}", f"ksa{i}", GSA.get(i))
                 yield sim
             finally:
-                agent.terminate()
-                try:
-                    agent.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    agent.kill()
-        finally:
-            stop_process(apiserver)
+                stop_process(agent)
 
 
 def control(node: SimulatedNode, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -22,6 +22,7 @@ import yaml
 from metaemu.testing.world import PROJECT_ID, PROJECT_NUMBER
 from tests.kube.agent import agent_token, shipped_config, unique
 from tests.kube.cluster import KubeCluster, stop_process
+from tests.kube.simulated import rules_and_apiserver
 from tests.kube.test_simulated_node import CONTROL, control
 from tests.node.netns import NODE_IP, SimulatedNode
 
@@ -129,27 +130,19 @@ def upgrade_world(cluster: KubeCluster, tmp_path: Path, *, pods: int = 3) -> Ite
                                     server=f"https://127.0.0.1:{cluster.port}")
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps(cluster.jwks()))
-    with SimulatedNode(pods=pods) as node:
-        apiserver = cluster.apiserver_in(node.exec_prefix(node.node_ns), node.node_ns)
+    with SimulatedNode(pods=pods) as node, rules_and_apiserver(cluster, node, to=AGENT):
+        google = node.popen_in(node.node_ns, sys.executable, "-m", "metaemu.testing.node_world",
+                               "--google-port", str(GOOGLE_PORT), "--control-port", str(CONTROL),
+                               "--cluster-jwks", str(jwks), "--audience", shipped_config()["node"]["audience"],
+                               stdout=subprocess.PIPE)
+        if google.stdout is None or google.stdout.readline().strip() != "READY":
+            raise RuntimeError("the Google stand-in did not start")
+        world = Upgrade(node=node, kube=cluster, name=name, dir=tmp_path, kubeconfig=kubeconfig)
         try:
-            setup = node.run_in(node.node_ns, sys.executable, "-m", "metaemu", "node-setup", "--to", AGENT,
-                                "--pod-interface", "vethpod+", check=False, timeout_s=60)
-            if setup.returncode != 0:
-                raise RuntimeError(f"node-setup failed: {setup.stderr}")
-            google = node.popen_in(node.node_ns, sys.executable, "-m", "metaemu.testing.node_world",
-                                   "--google-port", str(GOOGLE_PORT), "--control-port", str(CONTROL),
-                                   "--cluster-jwks", str(jwks), "--audience", shipped_config()["node"]["audience"],
-                                   stdout=subprocess.PIPE)
-            if google.stdout is None or google.stdout.readline().strip() != "READY":
-                raise RuntimeError("the Google stand-in did not start")
-            world = Upgrade(node=node, kube=cluster, name=name, dir=tmp_path, kubeconfig=kubeconfig)
-            try:
-                yield world
-            finally:
-                for agent in world.agents:
-                    stop_process(agent)
+            yield world
         finally:
-            stop_process(apiserver)
+            for agent in world.agents:
+                stop_process(agent)
 
 
 def foreign_tokens(world: Upgrade, results: dict[int, dict[str, Any]]) -> list[tuple[int, Any]]:
